@@ -1,0 +1,316 @@
+"""Generative asset service: renders prompts to images and stores uploads, answering with links.
+
+Reads top to bottom: settings, request checks, handlers, the app, the entry point.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from uuid import uuid4
+
+import uvicorn
+from dotenv import load_dotenv
+from environs import Env, EnvError
+from marshmallow.validate import URL, Length, Range
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from render import render_png
+from storage import LocalStorage, S3Storage, Storage, StorageError, clean_filename, content_disposition, make_s3_client
+
+log = logging.getLogger("gen_service")
+
+MiB = 1024 * 1024
+GENERATE_BODY_LIMIT = 64 * 1024
+# Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
+MULTIPART_OVERHEAD = 64 * 1024
+CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?")
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_endpoint_url: str | None = None
+    s3_connect_timeout_seconds: float = 3.0
+    s3_read_timeout_seconds: float = 10.0
+    presign_ttl_seconds: int = 3600
+    local_storage_dir: Path = Path("data")
+    public_base_url: str | None = None
+    max_upload_bytes: int = 100 * MiB
+    max_prompt_chars: int = 2000
+    api_token: str | None = None
+
+
+def read_settings() -> Settings:
+    """Settings from the environment; a .env file in the working directory fills in what is unset.
+
+    Raises EnvError naming every invalid variable.
+    """
+    # Exported, not only parsed, so that boto3's credential chain sees AWS_* values from .env too.
+    load_dotenv(Path.cwd() / ".env")
+    env = Env(eager=False)
+    not_empty = Length(min=1, error="must not be empty")
+    settings = Settings(
+        host=env.str("HOST", Settings.host, validate=not_empty),
+        port=env.int("PORT", Settings.port, validate=Range(1, 65535)),
+        s3_bucket=env.str(either("S3_BUCKET", "s3_bucket"), None, validate=not_empty),
+        s3_region=env.str(either("S3_REGION", "s3_region"), Settings.s3_region, validate=not_empty),
+        s3_endpoint_url=env.str("S3_ENDPOINT_URL", None, validate=URL(require_tld=False)),
+        s3_connect_timeout_seconds=env.float(
+            "S3_CONNECT_TIMEOUT_SECONDS", Settings.s3_connect_timeout_seconds, validate=Range(0.1, 60)
+        ),
+        s3_read_timeout_seconds=env.float(
+            "S3_READ_TIMEOUT_SECONDS", Settings.s3_read_timeout_seconds, validate=Range(0.1, 300)
+        ),
+        # SigV4 links cannot live longer than 7 days; S3 would only say so when the link is used.
+        presign_ttl_seconds=env.int(
+            either("S3_PRESIGN_TTL_SECONDS", "s3_presign_ttl_seconds"), Settings.presign_ttl_seconds,
+            validate=Range(1, 604800),
+        ),
+        local_storage_dir=env.path("LOCAL_STORAGE_DIR", Settings.local_storage_dir),
+        public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL(require_tld=False)),
+        max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, None)),
+        max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
+        api_token=env.str("API_TOKEN", None, validate=not_empty),
+    )
+    env.seal()
+    return settings
+
+
+def either(name: str, old_name: str) -> str:
+    """The variable to read: the new name, or the old service's lower-case one if only that is set."""
+    return old_name if old_name in os.environ and name not in os.environ else name
+
+
+def make_storage(settings: Settings) -> Storage:
+    if settings.s3_bucket is None:
+        base_url = settings.public_base_url or f"http://{settings.host}:{settings.port}"
+        return LocalStorage(settings.local_storage_dir, base_url, settings.presign_ttl_seconds)
+    client = make_s3_client(
+        region=settings.s3_region,
+        endpoint_url=settings.s3_endpoint_url,
+        connect_timeout=settings.s3_connect_timeout_seconds,
+        read_timeout=settings.s3_read_timeout_seconds,
+    )
+    return S3Storage(client, settings.s3_bucket, settings.presign_ttl_seconds)
+
+
+# ---------------------------------------------------------------- request checks
+
+
+class BodyLimit:
+    """Refuses a body over `limit` bytes with JSON 413: on Content-Length before reading, else while
+    streaming. (Starlette's own `max_body_size` answers the Content-Length case in plain text.)"""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            # Answered without reading, so a client that sent `Expect: 100-continue` sends nothing.
+            return await too_large(self.limit)(scope, receive, send)
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, too_large(self.limit).detail)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"request body is larger than {limit} bytes")
+
+
+def require_token(request: Request) -> None:
+    token = request.app.state.settings.api_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def read_prompt(request: Request) -> str:
+    # A missing Content-Type is read as JSON, as the service we replace did.
+    if media_type(request) not in ("", "application/json") and not media_type(request).endswith("+json"):
+        raise HTTPException(415, "expected Content-Type: application/json")
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise HTTPException(422, "body must be valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, "body must be a JSON object")
+    if "prompt" not in body:
+        raise HTTPException(422, "prompt is required")
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise HTTPException(422, "prompt must be a string")
+    if not prompt.strip():
+        raise HTTPException(422, "prompt must not be empty")
+    max_chars = request.app.state.settings.max_prompt_chars
+    if len(prompt) > max_chars:
+        raise HTTPException(422, f"prompt must be at most {max_chars} characters")
+    try:
+        prompt.encode()
+    except UnicodeEncodeError:  # JSON can carry lone surrogates ("\\ud800"), which are not text
+        raise HTTPException(422, "prompt must be valid Unicode text") from None
+    return prompt
+
+
+def put_and_sign(storage: Storage, key: str, fileobj: BinaryIO, content_type: str, disposition: str) -> str:
+    storage.put(key, fileobj, content_type=content_type, content_disposition=disposition)
+    return storage.url(key)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def generate(request: Request) -> JSONResponse:
+    require_token(request)
+    prompt = await read_prompt(request)
+    png = await run_in_threadpool(render_png, prompt)
+    key = f"generated/{uuid4().hex}.png"
+    storage = request.app.state.storage
+    url = await run_in_threadpool(put_and_sign, storage, key, io.BytesIO(png), "image/png", "inline")
+    return JSONResponse({"url": url})
+
+
+async def upload(request: Request) -> JSONResponse:
+    require_token(request)
+    if media_type(request) != "multipart/form-data":
+        raise HTTPException(415, "expected Content-Type: multipart/form-data")
+    async with request.form(max_files=1, max_fields=16, max_part_size=64 * 1024) as form:
+        file = form.get("file")
+        if file is None:
+            raise HTTPException(422, "file is required")
+        if not isinstance(file, UploadFile):
+            raise HTTPException(422, "file must be a file part, not a text field")
+        max_bytes = request.app.state.settings.max_upload_bytes
+        if file.size is not None and file.size > max_bytes:
+            raise HTTPException(413, f"file is larger than {max_bytes} bytes")
+        content_type = file.content_type or "application/octet-stream"
+        if not CONTENT_TYPE.fullmatch(content_type):
+            raise HTTPException(422, "file has an invalid Content-Type")
+        filename = clean_filename(file.filename)
+        key = f"uploads/{uuid4().hex}"
+        storage = request.app.state.storage
+        url = await run_in_threadpool(put_and_sign, storage, key, file.file, content_type, content_disposition(filename))
+    return JSONResponse({"filename": filename, "url": url})
+
+
+async def download(request: Request) -> FileResponse:
+    """Serves the local store's signed links (this route exists only with the local store)."""
+    query = request.query_params
+    path, metadata = await run_in_threadpool(
+        request.app.state.storage.open, request.path_params["key"], query.get("expires", ""), query.get("signature", "")
+    )
+    headers = {"Content-Disposition": metadata["content_disposition"], "X-Content-Type-Options": "nosniff"}
+    return FileResponse(path, media_type=metadata["content_type"], headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StorageError)
+    return JSONResponse({"detail": exc.detail}, exc.status_code)
+
+
+async def client_disconnected(request: Request, exc: Exception) -> None:
+    # Nobody is left to answer, and the parser has already closed its temporary files.
+    log.info("client disconnected before sending the whole body of %s %s", request.method, request.url.path)
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises the exception after this, so uvicorn logs its traceback once.
+    return JSONResponse({"detail": "internal server error"}, 500)
+
+
+# ---------------------------------------------------------------- app
+
+
+def create_app(settings: Settings | None = None, storage: Storage | None = None) -> Starlette:
+    settings = settings or read_settings()
+    storage = storage or make_storage(settings)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    routes = [
+        Route("/", health),
+        Route("/health", health),
+        Route("/generate", generate, methods=["POST"], middleware=[Middleware(BodyLimit, limit=GENERATE_BODY_LIMIT)]),
+        Route("/upload", upload, methods=["POST"], middleware=[Middleware(BodyLimit, limit=upload_limit)]),
+    ]
+    if isinstance(storage, LocalStorage):
+        routes.append(Route("/files/{key:path}", download))
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: http_error,
+            StorageError: storage_error,
+            ClientDisconnect: client_disconnected,
+            Exception: server_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.storage = storage
+    log.info("storage: %s", storage.describe())
+    return app
+
+
+def main() -> None:
+    try:
+        settings = read_settings()
+    except EnvError as error:
+        problems = getattr(error, "error_messages", {}) or {"environment": [str(error)]}
+        sys.exit("gen_service: invalid setting: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in problems.items()))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        # Longer than the ALB's 60 s idle timeout, so the ALB never reuses a connection we closed.
+        timeout_keep_alive=65,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

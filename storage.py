@@ -1,0 +1,227 @@
+"""Where stored files live: S3, or a directory on local disk with signed links served by us.
+
+Both stores have the same two verbs: `put` a file under a key, and make a time-limited `url`
+for it. They raise `StorageError` for failures the caller should see, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import quote, urlencode
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+log = logging.getLogger(__name__)
+
+# The only keys the service ever makes: the local store refuses to serve anything else.
+KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
+MAX_FILENAME_CHARS = 255
+METADATA_SUFFIX = ".json"
+
+
+class StorageError(Exception):
+    """A failure of the store, with the HTTP status and the short detail a caller should see."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+class Storage(Protocol):
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None: ...
+
+    def url(self, key: str) -> str: ...
+
+    def describe(self) -> str: ...
+
+
+def clean_filename(name: str | None) -> str | None:
+    """The name a download will carry: no directories, no control or bidi characters, bounded."""
+    if name is None:
+        return None
+    base = re.split(r"[/\\]", name)[-1]
+    kept = "".join(char for char in base if unicodedata.category(char) not in ("Cc", "Cf", "Cs"))
+    kept = kept.strip()[:MAX_FILENAME_CHARS]
+    return None if kept in ("", ".", "..") else kept
+
+
+def content_disposition(filename: str | None) -> str:
+    """RFC 6266 attachment header: an ASCII fallback name, then the exact name as UTF-8."""
+    if filename is None:
+        return "attachment"
+    fallback = "".join(char if " " <= char <= "~" and char not in '"\\%' else "_" for char in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+# ---------------------------------------------------------------- S3
+
+
+def make_s3_client(
+    *, region: str, endpoint_url: str | None, connect_timeout: float, read_timeout: float
+) -> Any:
+    """The one S3 client of the process: thread-safe, SigV4 links, bounded time on failure."""
+    config = Config(
+        region_name=region,
+        signature_version="s3v4",
+        # Virtual-host links name the region (bucket.s3.<region>.amazonaws.com) and so work for
+        # buckets outside us-east-1; S3-compatible endpoints usually want path style.
+        s3={"addressing_style": "path" if endpoint_url else "virtual"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": 3},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+@dataclass(frozen=True)
+class S3Storage:
+    client: Any
+    bucket: str
+    presign_ttl_seconds: int
+
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None:
+        extra_args = {"ContentType": content_type, "ContentDisposition": content_disposition}
+        with s3_errors(f"put {key}"):
+            self.client.upload_fileobj(fileobj, self.bucket, key, ExtraArgs=extra_args)
+
+    def url(self, key: str) -> str:
+        with s3_errors(f"presign {key}"):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_seconds
+            )
+
+    def describe(self) -> str:
+        return f"S3 bucket {self.bucket!r} via {self.client.meta.endpoint_url}"
+
+
+@contextmanager
+def s3_errors(action: str) -> Iterator[None]:
+    """Turns botocore's failures into StorageError: refused -> 502, unreachable -> 503, slow -> 504."""
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        log.warning("S3 %s failed: %r", action, error)
+        raise storage_error(error) from error
+
+
+def storage_error(error: BotoCoreError | ClientError) -> StorageError:
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "unknown")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status >= 500:
+            return StorageError(503, f"storage is unavailable ({code})")
+        return StorageError(502, f"storage refused the request ({code})")
+    if isinstance(error, (ConnectTimeoutError, ReadTimeoutError)):
+        return StorageError(504, "storage did not answer in time")
+    if isinstance(error, EndpointConnectionError):
+        return StorageError(503, "storage is unreachable")
+    if isinstance(error, NoCredentialsError):
+        return StorageError(502, "storage credentials are not configured")
+    return StorageError(503, f"storage failed ({type(error).__name__})")
+
+
+# ---------------------------------------------------------------- local disk
+
+
+class LocalStorage:
+    """Files under one directory; links are `/files/<key>?expires=..&signature=..` on this service."""
+
+    def __init__(self, root: Path, public_base_url: str, presign_ttl_seconds: int) -> None:
+        self.root = root.resolve()
+        self.public_base_url = public_base_url.rstrip("/")
+        self.presign_ttl_seconds = presign_ttl_seconds
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.signing_key = load_or_create_signing_key(self.root / ".signing-key")
+
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None:
+        metadata = {"content_type": content_type, "content_disposition": content_disposition}
+        try:
+            self.path(key).parent.mkdir(exist_ok=True)
+            write_atomically(self.path(key, METADATA_SUFFIX), lambda out: out.write(json.dumps(metadata).encode()))
+            write_atomically(self.path(key), lambda out: shutil.copyfileobj(fileobj, out, 1024 * 1024))
+        except OSError as error:
+            log.warning("local put %s failed: %r", key, error)
+            raise StorageError(503, "storage could not write the file") from error
+
+    def url(self, key: str) -> str:
+        expires = int(time.time()) + self.presign_ttl_seconds
+        query = urlencode({"expires": expires, "signature": self.signature(key, expires)})
+        return f"{self.public_base_url}/files/{key}?{query}"
+
+    def describe(self) -> str:
+        return f"local directory {str(self.root)!r}, links at {self.public_base_url}/files/"
+
+    def open(self, key: str, expires: str, signature: str) -> tuple[Path, dict[str, str]]:
+        """The file and its metadata behind a link, or StorageError(403) for any link we did not make."""
+        if not expires.isdigit() or not hmac.compare_digest(signature, self.signature(key, int(expires))):
+            raise StorageError(403, "link signature is invalid")
+        if int(expires) < time.time():
+            raise StorageError(403, "link has expired")
+        path = self.path(key)
+        try:
+            metadata = json.loads(self.path(key, METADATA_SUFFIX).read_bytes())
+        except (OSError, ValueError):
+            raise StorageError(403, "link points to no file") from None
+        if not path.is_file():
+            raise StorageError(403, "link points to no file")
+        return path, metadata
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self.signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def path(self, key: str, suffix: str = "") -> Path:
+        # Keys are ours (uuid-based, checked here) and symlinks are resolved, so no key or link
+        # placed in the directory can reach a file outside it.
+        path = (self.root / (key + suffix)).resolve()
+        if not KEY_PATTERN.fullmatch(key) or not path.is_relative_to(self.root):
+            raise StorageError(403, "link points to no file")
+        return path
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write beside the target and rename into place, so that no reader ever sees half a file."""
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def load_or_create_signing_key(path: Path) -> bytes:
+    """A secret kept beside the files (mode 0600), so that links stay valid across restarts."""
+    if not path.exists():
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")  # made 0600
+        with os.fdopen(handle, "wb") as out:
+            out.write(secrets.token_bytes(32))
+        with suppress(FileExistsError):  # another worker made one first: everyone uses that one
+            os.link(temp_name, path)
+        os.unlink(temp_name)
+    return path.read_bytes()
