@@ -131,8 +131,8 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            # Answered without reading, so a client that sent `Expect: 100-continue` sends nothing.
-            return await too_large(self.limit)(scope, receive, send)
+            # Refused before reading, so a client that sent `Expect: 100-continue` sends nothing.
+            raise self.too_large()
         received = 0
 
         async def counted_receive() -> Message:
@@ -140,14 +140,13 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise HTTPException(413, too_large(self.limit).detail)
+                raise self.too_large()
             return message
 
         await self.app(scope, counted_receive, send)
 
-
-def too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"request body is larger than {limit} bytes")
+    def too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body is larger than {self.limit} bytes")
 
 
 def require_token(request: Request) -> None:
