@@ -27,7 +27,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,7 +40,7 @@ MiB = 1024 * 1024
 GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
-CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?")
+CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
 
 
 # ---------------------------------------------------------------- settings
@@ -86,7 +86,8 @@ def read_settings() -> Settings:
         ),
         # SigV4 links cannot live longer than 7 days; S3 would only say so when the link is used.
         presign_ttl_seconds=env.int(
-            either("S3_PRESIGN_TTL_SECONDS", "s3_presign_ttl_seconds"), Settings.presign_ttl_seconds,
+            either("S3_PRESIGN_TTL_SECONDS", "s3_presign_ttl_seconds"),
+            Settings.presign_ttl_seconds,
             validate=Range(1, 604800),
         ),
         local_storage_dir=env.path("LOCAL_STORAGE_DIR", Settings.local_storage_dir),
@@ -230,7 +231,9 @@ async def upload(request: Request) -> JSONResponse:
         filename = clean_filename(file.filename)
         key = f"uploads/{uuid4().hex}"
         storage = request.app.state.storage
-        url = await run_in_threadpool(put_and_sign, storage, key, file.file, content_type, content_disposition(filename))
+        url = await run_in_threadpool(
+            put_and_sign, storage, key, file.file, content_type, content_disposition(filename)
+        )
     return JSONResponse({"filename": filename, "url": url})
 
 

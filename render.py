@@ -12,7 +12,7 @@ import hashlib
 import io
 import math
 from collections.abc import Iterator
-from functools import cache, lru_cache
+from functools import cache
 from itertools import islice
 
 from PIL import Image, ImageDraw, ImageFont
@@ -102,7 +102,7 @@ def line_height(font: Font) -> int:
     return round(font.size * 1.25)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_font(px: int) -> Font:
     # DejaVu covers accented, Cyrillic and Greek text; Pillow's built-in font draws those as boxes.
     try:

@@ -81,9 +81,7 @@ def content_disposition(filename: str | None) -> str:
 # ---------------------------------------------------------------- S3
 
 
-def make_s3_client(
-    *, region: str, endpoint_url: str | None, connect_timeout: float, read_timeout: float
-) -> Any:
+def make_s3_client(*, region: str, endpoint_url: str | None, connect_timeout: float, read_timeout: float) -> Any:
     """The one S3 client of the process: thread-safe, SigV4 links, bounded time on failure."""
     config = Config(
         region_name=region,

@@ -9,9 +9,8 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import Download
+from PIL import Image
 
 pytestmark = pytest.mark.anyio
 

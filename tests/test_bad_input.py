@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import httpx
 import pytest
+from conftest import asgi_client
 
 import gen_service
-from conftest import asgi_client
 from gen_service import Settings
 
 pytestmark = pytest.mark.anyio
@@ -102,7 +102,11 @@ async def test_upload_rejects_other_content_types(client: httpx.AsyncClient) -> 
     ("request_args", "status", "detail"),
     [
         (multipart('Content-Disposition: form-data; name="other"\r\n\r\nx'), 422, "file is required"),
-        (multipart('Content-Disposition: form-data; name="file"\r\n\r\nx'), 422, "file must be a file part, not a text field"),
+        (
+            multipart('Content-Disposition: form-data; name="file"\r\n\r\nx'),
+            422,
+            "file must be a file part, not a text field",
+        ),
         (
             multipart('Content-Disposition: form-data; name="file"; filename="a"\r\nContent-Type: not a type\r\n\r\nx'),
             422,
@@ -135,7 +139,9 @@ async def test_upload_refuses_a_large_content_length_before_reading(client: http
 
 async def test_upload_counts_a_chunked_body(client: httpx.AsyncClient) -> None:
     response = await client.post(
-        "/upload", content=chunks(MAX_UPLOAD_BYTES + 70_000), headers={"content-type": "multipart/form-data; boundary=b"}
+        "/upload",
+        content=chunks(MAX_UPLOAD_BYTES + 70_000),
+        headers={"content-type": "multipart/form-data; boundary=b"},
     )
     expect(response, 413, f"request body is larger than {MAX_UPLOAD_BYTES + 65536} bytes")
 
@@ -145,8 +151,12 @@ async def test_upload_refuses_a_file_just_over_the_limit(client: httpx.AsyncClie
     expect(response, 413, f"file is larger than {MAX_UPLOAD_BYTES} bytes")
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/nowhere", 404), ("GET", "/upload", 405), ("DELETE", "/", 405)])
-async def test_unknown_paths_and_methods_answer_json(client: httpx.AsyncClient, method: str, path: str, status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("GET", "/nowhere", 404), ("GET", "/upload", 405), ("DELETE", "/", 405)]
+)
+async def test_unknown_paths_and_methods_answer_json(
+    client: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
     response = await client.request(method, path)
     expect(response, status, {404: "Not Found", 405: "Method Not Allowed"}[status])
 

@@ -44,7 +44,8 @@ def test_healthcheck_uses_python_on_the_health_path(instructions: list[dockerfil
 
 
 def test_listens_on_all_interfaces_on_8000(instructions: list[dockerfile.Command]) -> None:
-    env = dict(zip(*[iter(first(instructions, "ENV").value)] * 2))
+    values = first(instructions, "ENV").value
+    env = dict(zip(values[::2], values[1::2], strict=True))
     assert (env["HOST"], env["PORT"]) == ("0.0.0.0", "8000")
     assert first(instructions, "EXPOSE").value == ("8000",)
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import boto3
 import httpx
 import pytest
+from conftest import asgi_client, free_port
 from moto.server import ThreadedMotoServer
 
 import gen_service
-from conftest import asgi_client, free_port
 from gen_service import Settings
 
 pytestmark = pytest.mark.anyio
