@@ -53,8 +53,8 @@ class Settings:
     s3_bucket: str | None = None
     s3_region: str = "us-east-1"
     s3_endpoint_url: str | None = None
-    s3_connect_timeout_seconds: float = 3.0
-    s3_read_timeout_seconds: float = 10.0
+    s3_connect_timeout_seconds: float = 2.0
+    s3_read_timeout_seconds: float = 5.0
     presign_ttl_seconds: int = 3600
     local_storage_dir: Path = Path("data")
     public_base_url: str | None = None

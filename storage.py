@@ -91,7 +91,7 @@ def make_s3_client(*, region: str, endpoint_url: str | None, connect_timeout: fl
         s3={"addressing_style": "path" if endpoint_url else "virtual"},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": 3},
+        retries={"mode": "standard", "total_max_attempts": 3},
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 

@@ -71,7 +71,7 @@ async def test_stalled_s3_is_504_within_the_timeouts(stalling_endpoint: str, pat
         response = await post(client, path)
         assert response.status_code == 504
         assert response.json() == {"detail": "storage did not answer in time"}
-        # Three attempts of 0.5 s each plus the retry mode's backoff: seconds, not minutes.
+        # Three attempts of up to 1.5 s each (100-continue wait plus read timeout) and up to 3 s of backoff.
         assert time.monotonic() - started < 10
         assert (await client.get("/health")).status_code == 200
 
