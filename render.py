@@ -31,7 +31,13 @@ def render_png(prompt: str, size: int = DEFAULT_SIZE) -> bytes:
     margin = size // 16
     font, lines = fit_text(prompt, size - 2 * margin)
     ImageDraw.Draw(image).multiline_text(
-        (size // 2, size // 2), "\n".join(lines), font=font, fill="white", anchor="mm", align="center"
+        (size // 2, size // 2),
+        "\n".join(lines),
+        font=font,
+        fill="white",
+        anchor="mm",
+        align="center",
+        spacing=line_height(font) - font.getbbox("A")[3],  # lines exactly line_height apart, as fitted
     )
     out = io.BytesIO()
     # Level 1 encodes several times faster than the default at nearly the same size for gradients.
@@ -57,9 +63,10 @@ def fit_text(text: str, width: int) -> tuple[Font, list[str]]:
     """The largest font at which the wrapped text fits a width x width box; cut short if none does."""
     # Text of advance w at 1 px wraps into about w*px/width lines of 1.25*px each, so the text
     # fills the box near px = width / sqrt(1.25 * w): start there rather than at the largest size.
-    advance_at_1px = load_font(LARGEST_FONT_PX).getlength(text) / LARGEST_FONT_PX
-    estimate = int(width / math.sqrt(1.25 * advance_at_1px)) if advance_at_1px else LARGEST_FONT_PX
-    for px in range(min(LARGEST_FONT_PX, estimate + 2), SMALLEST_FONT_PX - 1, -2):
+    reference = load_font(LARGEST_FONT_PX)
+    advance_at_1px = sum(reference.getlength(line) for line in text.splitlines()) / LARGEST_FONT_PX
+    estimate = int(width / math.sqrt(1.25 * advance_at_1px)) + 1 if advance_at_1px else LARGEST_FONT_PX
+    for px in range(max(SMALLEST_FONT_PX, min(LARGEST_FONT_PX, estimate)), SMALLEST_FONT_PX - 1, -1):
         font = load_font(px)
         max_lines = max(1, width // line_height(font))
         lines = list(islice(wrap(text, font, width), max_lines + 1))

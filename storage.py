@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
 MAX_FILENAME_CHARS = 255
 METADATA_SUFFIX = ".json"
+EXPIRES = re.compile(r"[0-9]{1,12}")
 
 
 class StorageError(Exception):
@@ -158,11 +159,13 @@ class LocalStorage:
 
     def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None:
         metadata = {"content_type": content_type, "content_disposition": content_disposition}
+        data, metadata_path = self.path(key), self.path(key, METADATA_SUFFIX)
         try:
-            self.path(key).parent.mkdir(exist_ok=True)
-            write_atomically(self.path(key, METADATA_SUFFIX), lambda out: out.write(json.dumps(metadata).encode()))
-            write_atomically(self.path(key), lambda out: shutil.copyfileobj(fileobj, out, 1024 * 1024))
+            data.parent.mkdir(exist_ok=True)
+            write_atomically(data, lambda out: shutil.copyfileobj(fileobj, out, 1024 * 1024))
+            write_atomically(metadata_path, lambda out: out.write(json.dumps(metadata).encode()))
         except OSError as error:
+            data.unlink(missing_ok=True)
             log.warning("local put %s failed: %r", key, error)
             raise StorageError(503, "storage could not write the file") from error
 
@@ -176,7 +179,7 @@ class LocalStorage:
 
     def open(self, key: str, expires: str, signature: str) -> tuple[Path, dict[str, str]]:
         """The file and its metadata behind a link, or StorageError(403) for any link we did not make."""
-        if not expires.isdigit() or not hmac.compare_digest(signature, self.signature(key, int(expires))):
+        if not EXPIRES.fullmatch(expires) or not hmac.compare_digest(signature, self.signature(key, int(expires))):
             raise StorageError(403, "link signature is invalid")
         if int(expires) < time.time():
             raise StorageError(403, "link has expired")

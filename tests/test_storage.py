@@ -1,0 +1,523 @@
+"""storage.py: download names and headers, the local store's signed links, S3 links and uploads, error mapping."""
+
+from __future__ import annotations
+
+import io
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, BinaryIO, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+from uuid import uuid4
+
+import pytest
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from moto import mock_aws
+
+import storage
+from storage import LocalStorage, S3Storage, StorageError
+
+BASE_URL = "http://testserver"
+ENDPOINT_URL = "http://127.0.0.1:9"
+SECRET_ACCESS_KEY = "testing"  # conftest's aws_environment
+METADATA = '{"content_type": "text/plain", "content_disposition": "attachment"}'
+DISPOSITION = re.compile(r"attachment; filename=\"([^\"]*)\"; filename\*=UTF-8''(\S*)")
+Link = tuple[str, str, str]
+PutObject = Callable[[bytes, str, str], dict[str, Any]]
+
+
+def new_key() -> str:
+    return f"uploads/{uuid4().hex}"
+
+
+def link_parts(url: str) -> Link:
+    """The key, expires and signature that the /files route passes to LocalStorage.open."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    return parts.path.removeprefix("/files/"), query["expires"][0], query["signature"][0]
+
+
+def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
+    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
+
+
+# ---------------------------------------------------------------- clean_filename
+
+
+@pytest.mark.parametrize(
+    ("name", "cleaned"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\x\\a.txt", "a.txt"),
+        ("dir/sub\\mixed.txt", "mixed.txt"),
+        ("a\x00b.txt", "ab.txt"),
+        ("evil\r\nSet-Cookie: x.txt", "evilSet-Cookie: x.txt"),
+        ("tab\there.txt", "tabhere.txt"),
+        ("invoice\u202efdp.exe", "invoicefdp.exe"),
+        ("\u200eleft\u2066isolate\u2069.txt", "leftisolate.txt"),
+        ("lone\ud800surrogate.txt", "lonesurrogate.txt"),
+        ("  padded.txt  ", "padded.txt"),
+        ("a" * 1000, "a" * 255),
+        ("résumé.pdf", "résumé.pdf"),
+        ("отчёт.docx", "отчёт.docx"),
+        ("报告.txt", "报告.txt"),
+        ("🎨 art.png", "🎨 art.png"),
+        (None, None),
+        ("", None),
+        (".", None),
+        ("..", None),
+        ("/", None),
+        ("dir/", None),
+        ("dir/..", None),
+        ("\x00\r\n", None),
+        ("   ", None),
+    ],
+)
+def test_clean_filename(name: str | None, cleaned: str | None) -> None:
+    assert storage.clean_filename(name) == cleaned
+
+
+# ---------------------------------------------------------------- content_disposition
+
+AWKWARD_NAMES = [
+    "plain.txt",
+    'say "hi".txt',
+    "a;b=c.txt",
+    "100%.txt",
+    "%41%20.txt",
+    "back\\slash.txt",
+    "it's a file.txt",
+    "résumé.pdf",
+    "报告.txt",
+    "🎨👨‍👩‍👧.png",
+    "line\r\nbreak.txt",
+    "x\"; filename*=UTF-8''evil.exe",
+]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_is_one_printable_ascii_line(name: str) -> None:
+    header = storage.content_disposition(name)
+    assert header.isascii()
+    assert header.isprintable()
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_fallback_is_quoted_without_quotes_or_backslashes(name: str) -> None:
+    match = DISPOSITION.fullmatch(storage.content_disposition(name))
+    assert match is not None
+    assert "\\" not in match[1]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_extended_name_decodes_to_the_name(name: str) -> None:
+    match = DISPOSITION.fullmatch(storage.content_disposition(name))
+    assert match is not None
+    assert unquote(match[2], errors="strict") == name
+
+
+def test_content_disposition_without_a_name() -> None:
+    assert storage.content_disposition(None) == "attachment"
+
+
+# ---------------------------------------------------------------- LocalStorage
+
+
+@dataclass
+class Clock:
+    now: float
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A settable time.time as the storage module sees it, so expiry is tested without sleeping."""
+    clock = Clock(1_700_000_000.0)
+    monkeypatch.setattr(storage, "time", SimpleNamespace(time=clock.time))
+    return clock
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The local store's directory, one level down so that tests can put files just outside it."""
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def local(root: Path) -> LocalStorage:
+    """A local store with hour-long links."""
+    return LocalStorage(root, BASE_URL, presign_ttl_seconds=3600)
+
+
+@pytest.fixture
+def stored_key(local: LocalStorage) -> str:
+    """The key of a file already put in the local store."""
+    key = new_key()
+    put_bytes(local, key)
+    return key
+
+
+@pytest.mark.parametrize("base_url", ["http://testserver", "http://testserver/", "https://cdn.example/assets/"])
+def test_local_url_is_the_files_route_under_the_public_base_url(root: Path, base_url: str) -> None:
+    key = new_key()
+    url = LocalStorage(root, base_url, presign_ttl_seconds=60).url(key)
+    assert url.startswith(f"{base_url.rstrip('/')}/files/{key}?")
+
+
+@pytest.mark.parametrize("data", [b"", b"hello", bytes(range(256)) * 4096], ids=["empty", "small", "1-MiB"])
+def test_local_link_opens_the_bytes_that_were_put(local: LocalStorage, data: bytes) -> None:
+    key = new_key()
+    put_bytes(local, key, data)
+    path, _ = local.open(*link_parts(local.url(key)))
+    assert path.read_bytes() == data
+
+
+def test_local_link_opens_the_metadata_that_was_put(local: LocalStorage) -> None:
+    key = new_key()
+    disposition = storage.content_disposition("résumé.pdf")
+    local.put(key, io.BytesIO(b"%PDF"), content_type="application/pdf", content_disposition=disposition)
+    _, metadata = local.open(*link_parts(local.url(key)))
+    assert metadata == {"content_type": "application/pdf", "content_disposition": disposition}
+
+
+TAMPERINGS: dict[str, Callable[[Link], Link]] = {
+    "last-hex-digit-changed": lambda link: (link[0], link[1], link[2][:-1] + ("0" if link[2][-1] != "0" else "1")),
+    "upper-case": lambda link: (link[0], link[1], link[2].upper()),
+    "truncated": lambda link: (link[0], link[1], link[2][:32]),
+    "empty": lambda link: (link[0], link[1], ""),
+    "expires-extended": lambda link: (link[0], str(int(link[1]) + 1), link[2]),
+    "other-key": lambda link: (new_key(), link[1], link[2]),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERINGS.values(), ids=TAMPERINGS.keys())
+def test_local_tampered_link_is_refused(local: LocalStorage, stored_key: str, tamper: Callable[[Link], Link]) -> None:
+    with pytest.raises(StorageError) as refused:
+        local.open(*tamper(link_parts(local.url(stored_key))))
+    assert refused.value.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [
+        "",
+        "soon",
+        "-1",
+        "1.5",
+        " 1",
+        pytest.param("²", id="superscript-digit"),
+        pytest.param("9" * 5000, id="5000-digits"),
+    ],
+)
+def test_local_malformed_expiry_is_refused(local: LocalStorage, stored_key: str, expires: str) -> None:
+    _, _, signature = link_parts(local.url(stored_key))
+    with pytest.raises(StorageError) as refused:
+        local.open(stored_key, expires, signature)
+    assert refused.value.status_code == 403
+
+
+@pytest.mark.parametrize("seconds_later", [0, 0.5, 1])
+def test_local_link_opens_until_it_expires(root: Path, clock: Clock, seconds_later: float) -> None:
+    local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
+    key = new_key()
+    put_bytes(local, key)
+    link = link_parts(local.url(key))
+    clock.now += seconds_later
+    assert local.open(*link)[0].read_bytes() == b"hello"
+
+
+@pytest.mark.parametrize("seconds_later", [1.001, 2, 86400])
+def test_local_link_is_refused_after_it_expires(root: Path, clock: Clock, seconds_later: float) -> None:
+    local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
+    key = new_key()
+    put_bytes(local, key)
+    link = link_parts(local.url(key))
+    clock.now += seconds_later
+    with pytest.raises(StorageError) as refused:
+        local.open(*link)
+    assert refused.value.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../x",
+        "uploads/../../x",
+        f"uploads/{'0' * 32}/../../../x",
+        ".signing-key",
+        "/etc/passwd",
+        f"uploads/{'a' * 32}.json",
+        f"uploads/{'A' * 32}",
+        f"other/{'a' * 32}",
+        "uploads/x",
+    ],
+)
+def test_local_key_outside_the_pattern_is_refused_even_when_signed(
+    local: LocalStorage, root: Path, tmp_path: Path, key: str
+) -> None:
+    target = (root / key).resolve()
+    # A file and metadata wait at each target we may write to (not /etc), so only the key check refuses.
+    if target.is_relative_to(tmp_path):
+        plant(target)
+    expires = int(storage.time.time()) + 60
+    with pytest.raises(StorageError) as refused:
+        local.open(key, str(expires), local.signature(key, expires))
+    assert refused.value.status_code == 403
+
+
+def plant(path: Path) -> None:
+    for file in (path, path.with_name(f"{path.name}.json")):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if not file.exists():
+            file.write_text(METADATA)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the store's root holding a secret and metadata that would serve it."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "secret").write_bytes(b"not yours")
+    (directory / "secret.json").write_text(METADATA)
+    return directory
+
+
+def link_file(root: Path, key: str, outside: Path) -> None:
+    (root / "uploads").mkdir()
+    (root / key).symlink_to(outside / "secret")
+    (root / f"{key}.json").write_text(METADATA)
+
+
+def link_metadata(root: Path, key: str, outside: Path) -> None:
+    (root / "uploads").mkdir()
+    (root / key).write_bytes(b"ours")
+    (root / f"{key}.json").symlink_to(outside / "secret.json")
+
+
+def link_uploads_directory(root: Path, key: str, outside: Path) -> None:
+    name = key.removeprefix("uploads/")
+    (outside / "secret").rename(outside / name)
+    (outside / "secret.json").rename(outside / f"{name}.json")
+    (root / "uploads").symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("place_symlink", [link_file, link_metadata, link_uploads_directory])
+def test_local_symlink_out_of_the_root_is_refused(
+    local: LocalStorage, root: Path, outside: Path, place_symlink: Callable[[Path, str, Path], None]
+) -> None:
+    key = new_key()
+    place_symlink(root, key, outside)
+    with pytest.raises(StorageError) as refused:
+        local.open(*link_parts(local.url(key)))
+    assert refused.value.status_code == 403
+
+
+def test_local_signing_key_is_private(local: LocalStorage, root: Path) -> None:
+    assert stat.S_IMODE((root / ".signing-key").stat().st_mode) == 0o600
+
+
+def test_local_signing_key_is_32_bytes(local: LocalStorage, root: Path) -> None:
+    assert len((root / ".signing-key").read_bytes()) == 32
+
+
+def test_local_signing_key_survives_a_restart(local: LocalStorage, root: Path) -> None:
+    key = new_key()
+    restarted = LocalStorage(root, BASE_URL, presign_ttl_seconds=3600)
+    assert restarted.signature(key, 1_700_000_000) == local.signature(key, 1_700_000_000)
+
+
+def test_local_stores_have_different_signing_keys(tmp_path: Path) -> None:
+    first, second = (LocalStorage(tmp_path / name, BASE_URL, 60) for name in ("a", "b"))
+    assert first.signing_key != second.signing_key
+
+
+class FailingReader:
+    """An upload body whose read fails part-way, as a dropped connection or a full temp disk would."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError("read failed")
+        return b"first chunk"
+
+
+def put_failing(local: LocalStorage, key: str) -> None:
+    local.put(key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment")
+
+
+def test_local_failed_write_is_a_503(local: LocalStorage) -> None:
+    with pytest.raises(StorageError) as failed:
+        put_failing(local, new_key())
+    assert failed.value.status_code == 503
+
+
+def test_local_failed_write_leaves_no_file_or_temp_file(local: LocalStorage, root: Path) -> None:
+    key = new_key()
+    with pytest.raises(StorageError):
+        put_failing(local, key)
+    assert not (root / key).exists()
+    assert list(root.rglob(".partial-*")) == []
+
+
+def test_local_failed_write_leaves_no_metadata(local: LocalStorage, root: Path) -> None:
+    with pytest.raises(StorageError):
+        put_failing(local, new_key())
+    assert list((root / "uploads").iterdir()) == []
+
+
+# ---------------------------------------------------------------- S3
+
+
+def s3_storage(*, region: str = "us-east-1", endpoint_url: str | None = None, ttl: int = 3600) -> S3Storage:
+    client = storage.make_s3_client(region=region, endpoint_url=endpoint_url, connect_timeout=1, read_timeout=1)
+    return S3Storage(client, "assets", ttl)
+
+
+def s3_query(url: str) -> dict[str, str]:
+    return {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    """moto's in-process mock, started before any client is made, so no request can leave the process."""
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def s3_store(aws: None) -> S3Storage:
+    """An S3Storage whose mocked bucket `assets` exists; its own client reads back what landed."""
+    store = s3_storage()
+    store.client.create_bucket(Bucket="assets")
+    return store
+
+
+uses_moto = pytest.mark.usefixtures("aws")
+
+
+@uses_moto
+@pytest.mark.parametrize("region", ["eu-west-2", "ap-southeast-2"])
+def test_s3_url_is_virtual_host_in_the_region(region: str) -> None:
+    key = new_key()
+    url = s3_storage(region=region).url(key)
+    assert url.startswith(f"https://assets.s3.{region}.amazonaws.com/{key}?")
+
+
+@uses_moto
+def test_s3_url_is_sigv4() -> None:
+    assert s3_query(s3_storage(region="eu-west-2").url(new_key()))["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+
+
+@uses_moto
+@pytest.mark.parametrize("ttl", [1, 3600, 604800])
+def test_s3_url_expires_after_the_ttl(ttl: int) -> None:
+    assert s3_query(s3_storage(region="eu-west-2", ttl=ttl).url(new_key()))["X-Amz-Expires"] == str(ttl)
+
+
+@uses_moto
+@pytest.mark.parametrize("region", ["eu-west-2", "ap-southeast-2"])
+def test_s3_url_credential_scope_names_the_region(region: str) -> None:
+    credential = s3_query(s3_storage(region=region).url(new_key()))["X-Amz-Credential"]
+    assert credential.endswith(f"/{region}/s3/aws4_request")
+
+
+@uses_moto
+def test_s3_url_with_an_endpoint_is_path_style() -> None:
+    key = new_key()
+    url = s3_storage(region="eu-west-2", endpoint_url=ENDPOINT_URL).url(key)
+    assert url.startswith(f"{ENDPOINT_URL}/assets/{key}?")
+
+
+@pytest.fixture
+def put_object(s3_store: S3Storage) -> PutObject:
+    """Puts through S3Storage and answers with what get_object then finds in the bucket."""
+
+    def put(data: bytes, content_type: str, disposition: str) -> dict[str, Any]:
+        key = new_key()
+        s3_store.put(key, io.BytesIO(data), content_type=content_type, content_disposition=disposition)
+        return s3_store.client.get_object(Bucket="assets", Key=key)
+
+    return put
+
+
+@pytest.mark.parametrize("data", [b"", b"hello", bytes(range(256)) * 64], ids=["empty", "small", "16-KiB"])
+def test_s3_put_stores_the_bytes(put_object: PutObject, data: bytes) -> None:
+    assert put_object(data, "application/octet-stream", "attachment")["Body"].read() == data
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "text/plain; charset=utf-8", "application/octet-stream"])
+def test_s3_put_stores_the_content_type(put_object: PutObject, content_type: str) -> None:
+    assert put_object(b"x", content_type, "attachment")["ContentType"] == content_type
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    ["inline", "attachment", storage.content_disposition("résumé.pdf"), storage.content_disposition('a "b".txt')],
+    ids=["inline", "attachment", "unicode-name", "quoted-name"],
+)
+def test_s3_put_stores_the_content_disposition(put_object: PutObject, disposition: str) -> None:
+    assert put_object(b"x", "text/plain", disposition)["ContentDisposition"] == disposition
+
+
+@uses_moto
+def test_s3_put_to_a_missing_bucket_is_a_502() -> None:
+    client = storage.make_s3_client(region="us-east-1", endpoint_url=None, connect_timeout=1, read_timeout=1)
+    with pytest.raises(StorageError) as refused:
+        S3Storage(client, "no-such-bucket", 60).put(
+            new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment"
+        )
+    assert refused.value.status_code == 502
+
+
+# ---------------------------------------------------------------- storage_error
+
+
+def client_error(code: str, http_status: int) -> ClientError:
+    # Real messages can name the endpoint; the mapped detail must not pass that on.
+    message = f"{code} at {ENDPOINT_URL}/assets with key {SECRET_ACCESS_KEY}"
+    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": http_status}}
+    return ClientError(response, "PutObject")
+
+
+ERRORS: dict[str, tuple[BotoCoreError | ClientError, int]] = {
+    "no-such-bucket": (client_error("NoSuchBucket", 404), 502),
+    "access-denied": (client_error("AccessDenied", 403), 502),
+    "invalid-access-key": (client_error("InvalidAccessKeyId", 403), 502),
+    "slow-down": (client_error("SlowDown", 503), 503),
+    "internal-error": (client_error("InternalError", 500), 503),
+    "endpoint-unreachable": (EndpointConnectionError(endpoint_url=ENDPOINT_URL), 503),
+    "connect-timeout": (ConnectTimeoutError(endpoint_url=ENDPOINT_URL), 504),
+    "read-timeout": (ReadTimeoutError(endpoint_url=ENDPOINT_URL), 504),
+    "no-credentials": (NoCredentialsError(), 502),
+}
+
+
+@pytest.mark.parametrize(("error", "status"), ERRORS.values(), ids=ERRORS.keys())
+def test_storage_error_status(error: BotoCoreError | ClientError, status: int) -> None:
+    assert storage.storage_error(error).status_code == status
+
+
+def test_storage_error_names_the_s3_error_code() -> None:
+    assert "NoSuchBucket" in storage.storage_error(client_error("NoSuchBucket", 404)).detail
+
+
+@pytest.mark.parametrize("error", [error for error, _ in ERRORS.values()], ids=ERRORS.keys())
+@pytest.mark.parametrize("secret", [SECRET_ACCESS_KEY, ENDPOINT_URL, "127.0.0.1"])
+def test_storage_error_detail_reveals_no_secret_or_endpoint(error: BotoCoreError | ClientError, secret: str) -> None:
+    assert secret not in storage.storage_error(error).detail
