@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
 MAX_FILENAME_CHARS = 255
+# Marks that reorder how a name displays ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 METADATA_SUFFIX = ".json"
 EXPIRES = re.compile(r"[0-9]{1,12}")
 
@@ -66,7 +68,9 @@ def clean_filename(name: str | None) -> str | None:
     if name is None:
         return None
     base = re.split(r"[/\\]", name)[-1]
-    kept = "".join(char for char in base if unicodedata.category(char) not in ("Cc", "Cf", "Cs"))
+    kept = "".join(
+        char for char in base if unicodedata.category(char) not in ("Cc", "Cs") and char not in BIDI_CONTROLS
+    )
     kept = kept.strip()[:MAX_FILENAME_CHARS]
     return None if kept in ("", ".", "..") else kept
 

@@ -73,6 +73,8 @@ def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
         ("отчёт.docx", "отчёт.docx"),
         ("报告.txt", "报告.txt"),
         ("🎨 art.png", "🎨 art.png"),
+        ("👨\u200d👩\u200d👧.png", "👨\u200d👩\u200d👧.png"),
+        ("نامه\u200cها.txt", "نامه\u200cها.txt"),
         (None, None),
         ("", None),
         (".", None),
