@@ -108,6 +108,8 @@ def either(name: str, old_name: str) -> str:
 def make_storage(settings: Settings) -> Storage:
     if settings.s3_bucket is None:
         base_url = settings.public_base_url or f"http://{settings.host}:{settings.port}"
+        if settings.public_base_url is None and settings.host in ("0.0.0.0", "::"):
+            log.warning("links will point at %s, which clients cannot open: set PUBLIC_BASE_URL", base_url)
         return LocalStorage(settings.local_storage_dir, base_url, settings.presign_ttl_seconds)
     client = make_s3_client(
         region=settings.s3_region,

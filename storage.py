@@ -67,6 +67,8 @@ def clean_filename(name: str | None) -> str | None:
     """The name a download will carry: no directories, no control or bidi characters, bounded."""
     if name is None:
         return None
+    # Browsers, curl, httpx and Node's FormData send '"', CR and LF in a filename as %22, %0D, %0A.
+    name = name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
     base = re.split(r"[/\\]", name)[-1]
     kept = "".join(
         char for char in base if unicodedata.category(char) not in ("Cc", "Cs") and char not in BIDI_CONTROLS

@@ -68,6 +68,8 @@ def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
         ("\u200eleft\u2066isolate\u2069.txt", "leftisolate.txt"),
         ("lone\ud800surrogate.txt", "lonesurrogate.txt"),
         ("  padded.txt  ", "padded.txt"),
+        ("say %22hi%22.txt", 'say "hi".txt'),
+        ("two%0D%0Alines.txt", "twolines.txt"),
         ("a" * 1000, "a" * 255),
         ("résumé.pdf", "résumé.pdf"),
         ("отчёт.docx", "отчёт.docx"),
