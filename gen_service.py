@@ -27,7 +27,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +40,7 @@ MiB = 1024 * 1024
 GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
+OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
 
 
@@ -239,6 +240,10 @@ async def upload(request: Request) -> JSONResponse:
     return JSONResponse({"filename": filename, "url": url})
 
 
+async def openapi(request: Request) -> Response:
+    return Response(OPENAPI_DOCUMENT, media_type="application/json")
+
+
 async def download(request: Request) -> FileResponse:
     """Serves the local store's signed links (this route exists only with the local store)."""
     query = request.query_params
@@ -279,6 +284,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     routes = [
         Route("/", health),
         Route("/health", health),
+        Route("/openapi.json", openapi),
         Route("/generate", generate, methods=["POST"], middleware=[Middleware(BodyLimit, limit=GENERATE_BODY_LIMIT)]),
         Route("/upload", upload, methods=["POST"], middleware=[Middleware(BodyLimit, limit=upload_limit)]),
     ]
