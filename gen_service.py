@@ -5,32 +5,37 @@ Reads top to bottom: settings, request checks, handlers, the app, the entry poin
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from uuid import uuid4
 
 import uvicorn
 from dotenv import load_dotenv
 from environs import Env, EnvError
-from marshmallow.validate import URL, Length, Range
+from marshmallow.validate import URL, Length, OneOf, Range
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from logs import RequestContext, logging_config
 from render import render_png
 from storage import LocalStorage, S3Storage, Storage, StorageError, clean_filename, content_disposition, make_s3_client
 
@@ -40,6 +45,7 @@ MiB = 1024 * 1024
 GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
+READY_CACHE_SECONDS = 5
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
 
@@ -62,6 +68,11 @@ class Settings:
     max_upload_bytes: int = 100 * MiB
     max_prompt_chars: int = 2000
     api_token: str | None = None
+    s3_checksums: str = "when_supported"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    shutdown_grace_seconds: float = 25.0
+    workers: int = 1
 
 
 def read_settings() -> Settings:
@@ -96,6 +107,16 @@ def read_settings() -> Settings:
         max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, None)),
         max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
         api_token=env.str("API_TOKEN", None, validate=not_empty),
+        s3_checksums=env.str(
+            "S3_CHECKSUMS", Settings.s3_checksums, validate=OneOf(["when_supported", "when_required"])
+        ),
+        log_format=env.str("LOG_FORMAT", Settings.log_format, validate=OneOf(["text", "json"])),
+        log_level=env.str("LOG_LEVEL", Settings.log_level, validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])),
+        # Under ECS's default 30 s stop timeout, after which the task is killed.
+        shutdown_grace_seconds=env.float(
+            "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, validate=Range(0, 3600)
+        ),
+        workers=env.int("WORKERS", Settings.workers, validate=Range(1, 64)),
     )
     env.seal()
     return settings
@@ -117,6 +138,7 @@ def make_storage(settings: Settings) -> Storage:
         endpoint_url=settings.s3_endpoint_url,
         connect_timeout=settings.s3_connect_timeout_seconds,
         read_timeout=settings.s3_read_timeout_seconds,
+        checksums=settings.s3_checksums,
     )
     return S3Storage(client, settings.s3_bucket, settings.presign_ttl_seconds)
 
@@ -193,9 +215,53 @@ async def read_prompt(request: Request) -> str:
     return prompt
 
 
-def put_and_sign(storage: Storage, key: str, fileobj: BinaryIO, content_type: str, disposition: str) -> str:
-    storage.put(key, fileobj, content_type=content_type, content_disposition=disposition)
-    return storage.url(key)
+class HashingMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, also hashing the file part as it arrives: the sha256 is then
+    known before storing starts (S3 takes it as metadata up front) without reading the file again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sha256 = hashlib.sha256()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is not None:  # only one file part is allowed
+            self.sha256.update(data[start:end])
+        super().on_part_data(data, start, end)
+
+
+def store(
+    storage: Storage, key: str, fileobj: BinaryIO, *, content_type: str, disposition: str, sha256: str, size: int
+) -> dict[str, Any]:
+    """Put the file and link to it; the answer's fields. Blocking: runs in a worker thread."""
+    storage.put(key, fileobj, content_type=content_type, content_disposition=disposition, sha256=sha256)
+    link = storage.link(key)
+    return {
+        "url": link.url,
+        "key": key,
+        "size": size,
+        "sha256": sha256,
+        "content_type": content_type,
+        "expires_at": link.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+class Readiness:
+    """The storage check behind /ready, cached so that load balancer probes never hammer S3."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.checked_at = -math.inf
+        self.problem: str | None = None
+
+    async def current_problem(self) -> str | None:
+        if time.monotonic() - self.checked_at >= READY_CACHE_SECONDS:
+            try:
+                await run_in_threadpool(self.storage.check)
+                self.problem = None
+            except StorageError as error:
+                self.problem = error.detail
+            self.checked_at = time.monotonic()
+        return self.problem
 
 
 # ---------------------------------------------------------------- handlers
@@ -205,21 +271,42 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def ready(request: Request) -> JSONResponse:
+    problem = await request.app.state.readiness.current_problem()
+    if problem:
+        return JSONResponse({"status": "unavailable", "detail": problem}, 503)
+    return JSONResponse({"status": "ready"})
+
+
 async def generate(request: Request) -> JSONResponse:
     require_token(request)
     prompt = await read_prompt(request)
     png = await run_in_threadpool(render_png, prompt)
-    key = f"generated/{uuid4().hex}.png"
-    storage = request.app.state.storage
-    url = await run_in_threadpool(put_and_sign, storage, key, io.BytesIO(png), "image/png", "inline")
-    return JSONResponse({"url": url})
+    stored = await run_in_threadpool(
+        store,
+        request.app.state.storage,
+        f"generated/{uuid4().hex}.png",
+        io.BytesIO(png),
+        content_type="image/png",
+        disposition="inline",
+        sha256=hashlib.sha256(png).hexdigest(),
+        size=len(png),
+    )
+    return JSONResponse(stored)
 
 
 async def upload(request: Request) -> JSONResponse:
     require_token(request)
     if media_type(request) != "multipart/form-data":
         raise HTTPException(415, "expected Content-Type: multipart/form-data")
-    async with request.form(max_files=1, max_fields=16, max_part_size=64 * 1024) as form:
+    parser = HashingMultiPartParser(
+        request.headers, request.stream(), max_files=1, max_fields=16, max_part_size=64 * 1024
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise HTTPException(400, error.message) from None
+    try:
         file = form.get("file")
         if file is None:
             raise HTTPException(422, "file is required")
@@ -232,12 +319,19 @@ async def upload(request: Request) -> JSONResponse:
         if not CONTENT_TYPE.fullmatch(content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
         filename = clean_filename(file.filename)
-        key = f"uploads/{uuid4().hex}"
-        storage = request.app.state.storage
-        url = await run_in_threadpool(
-            put_and_sign, storage, key, file.file, content_type, content_disposition(filename)
+        stored = await run_in_threadpool(
+            store,
+            request.app.state.storage,
+            f"uploads/{uuid4().hex}",
+            file.file,
+            content_type=content_type,
+            disposition=content_disposition(filename),
+            sha256=parser.sha256.hexdigest(),
+            size=file.size or 0,
         )
-    return JSONResponse({"filename": filename, "url": url})
+    finally:
+        await form.close()
+    return JSONResponse({"filename": filename, **stored})
 
 
 async def openapi(request: Request) -> Response:
@@ -269,11 +363,6 @@ async def client_disconnected(request: Request, exc: Exception) -> None:
     log.info("client disconnected before sending the whole body of %s %s", request.method, request.url.path)
 
 
-async def server_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette re-raises the exception after this, so uvicorn logs its traceback once.
-    return JSONResponse({"detail": "internal server error"}, 500)
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -284,6 +373,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     routes = [
         Route("/", health),
         Route("/health", health),
+        Route("/ready", ready),
         Route("/openapi.json", openapi),
         Route("/generate", generate, methods=["POST"], middleware=[Middleware(BodyLimit, limit=GENERATE_BODY_LIMIT)]),
         Route("/upload", upload, methods=["POST"], middleware=[Middleware(BodyLimit, limit=upload_limit)]),
@@ -296,11 +386,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             HTTPException: http_error,
             StorageError: storage_error,
             ClientDisconnect: client_disconnected,
-            Exception: server_error,
         },
+        middleware=[Middleware(RequestContext)],
     )
     app.state.settings = settings
     app.state.storage = storage
+    app.state.readiness = Readiness(storage)
     log.info("storage: %s", storage.describe())
     return app
 
@@ -311,13 +402,18 @@ def main() -> None:
     except EnvError as error:
         problems = getattr(error, "error_messages", {}) or {"environment": [str(error)]}
         sys.exit("gen_service: invalid setting: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in problems.items()))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     uvicorn.run(
-        create_app(settings),
+        # By import string, so that each of several workers builds its own app (and S3 client).
+        "gen_service:create_app",
+        factory=True,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
+        log_config=logging_config(settings.log_format, settings.log_level),
+        access_log=False,  # RequestContext logs each request, with its id and without query strings
         # Longer than the ALB's 60 s idle timeout, so the ALB never reuses a connection we closed.
         timeout_keep_alive=65,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         server_header=False,
     )
 

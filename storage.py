@@ -20,8 +20,9 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
@@ -55,10 +56,18 @@ class StorageError(Exception):
         self.detail = detail
 
 
-class Storage(Protocol):
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None: ...
+class Link(NamedTuple):
+    url: str
+    expires_at: datetime
 
-    def url(self, key: str) -> str: ...
+
+class Storage(Protocol):
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None: ...
+
+    def link(self, key: str) -> Link: ...
+
+    def check(self) -> None:
+        """Raises StorageError unless the store can take files now."""
 
     def describe(self) -> str: ...
 
@@ -88,8 +97,18 @@ def content_disposition(filename: str | None) -> str:
 # ---------------------------------------------------------------- S3
 
 
-def make_s3_client(*, region: str, endpoint_url: str | None, connect_timeout: float, read_timeout: float) -> Any:
-    """The one S3 client of the process: thread-safe, SigV4 links, bounded time on failure."""
+def make_s3_client(
+    *,
+    region: str,
+    endpoint_url: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    checksums: str = "when_supported",
+) -> Any:
+    """The one S3 client of the process: thread-safe, SigV4 links, bounded time on failure.
+
+    `checksums="when_required"` stops boto3 sending the checksums some S3-compatible stores reject.
+    """
     config = Config(
         region_name=region,
         signature_version="s3v4",
@@ -99,26 +118,50 @@ def make_s3_client(*, region: str, endpoint_url: str | None, connect_timeout: fl
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         retries={"mode": "standard", "total_max_attempts": 3},
+        request_checksum_calculation=checksums,
+        response_checksum_validation=checksums,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-@dataclass(frozen=True)
+@dataclass
 class S3Storage:
     client: Any
     bucket: str
     presign_ttl_seconds: int
+    warned_about_short_links: bool = False
 
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None:
-        extra_args = {"ContentType": content_type, "ContentDisposition": content_disposition}
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None:
+        extra_args = {
+            "ContentType": content_type,
+            "ContentDisposition": content_disposition,
+            "Metadata": {"sha256": sha256},
+        }
+        if self.client.meta.config.request_checksum_calculation == "when_supported":
+            extra_args["ChecksumAlgorithm"] = "SHA256"  # S3 checks every part against it as it arrives
         with s3_errors(f"put {key}"):
             self.client.upload_fileobj(fileobj, self.bucket, key, ExtraArgs=extra_args)
 
-    def url(self, key: str) -> str:
+    def link(self, key: str) -> Link:
+        now = datetime.now(UTC)
+        expires_at = now + timedelta(seconds=self.presign_ttl_seconds)
+        # Temporary credentials (a Fargate task role's) sign links that die with them, whatever the TTL.
+        credentials_expire = getattr(self.client._get_credentials(), "_expiry_time", None)
+        if credentials_expire is not None and credentials_expire < expires_at:
+            expires_at = credentials_expire
+            if not self.warned_about_short_links:
+                self.warned_about_short_links = True
+                log.warning("links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner")
+        expires_in = max(1, int((expires_at - now).total_seconds()))
         with s3_errors(f"presign {key}"):
-            return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_seconds
+            url = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
             )
+        return Link(url, expires_at)
+
+    def check(self) -> None:
+        with s3_errors("head bucket"):
+            self.client.head_bucket(Bucket=self.bucket)
 
     def describe(self) -> str:
         return f"S3 bucket {self.bucket!r} via {self.client.meta.endpoint_url}"
@@ -163,8 +206,8 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(self.root / ".signing-key")
 
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str) -> None:
-        metadata = {"content_type": content_type, "content_disposition": content_disposition}
+    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None:
+        metadata = {"content_type": content_type, "content_disposition": content_disposition, "sha256": sha256}
         data, metadata_path = self.path(key), self.path(key, METADATA_SUFFIX)
         try:
             data.parent.mkdir(exist_ok=True)
@@ -175,10 +218,19 @@ class LocalStorage:
             log.warning("local put %s failed: %r", key, error)
             raise StorageError(503, "storage could not write the file") from error
 
-    def url(self, key: str) -> str:
+    def link(self, key: str) -> Link:
         expires = int(time.time()) + self.presign_ttl_seconds
         query = urlencode({"expires": expires, "signature": self.signature(key, expires)})
-        return f"{self.public_base_url}/files/{key}?{query}"
+        return Link(f"{self.public_base_url}/files/{key}?{query}", datetime.fromtimestamp(expires, UTC))
+
+    def check(self) -> None:
+        try:
+            handle, probe = tempfile.mkstemp(dir=self.root, prefix=".ready-")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            log.warning("local store is not writable: %r", error)
+            raise StorageError(503, "storage directory is not writable") from error
 
     def describe(self) -> str:
         return f"local directory {str(self.root)!r}, links at {self.public_base_url}/files/"

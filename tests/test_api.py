@@ -9,8 +9,9 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
-from conftest import Download
 from PIL import Image
+
+from conftest import Download
 
 pytestmark = pytest.mark.anyio
 

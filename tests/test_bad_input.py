@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from conftest import asgi_client
 
 import gen_service
+from conftest import asgi_client
 from gen_service import Settings
 
 pytestmark = pytest.mark.anyio

@@ -12,10 +12,10 @@ from dataclasses import replace
 import boto3
 import httpx
 import pytest
-from conftest import asgi_client, free_port
 from moto.server import ThreadedMotoServer
 
 import gen_service
+from conftest import asgi_client, free_port
 from gen_service import Settings
 
 pytestmark = pytest.mark.anyio

@@ -19,8 +19,9 @@ from uuid import uuid4
 import dockerfile
 import httpx
 import pytest
-from conftest import free_port
 from PIL import Image
+
+from conftest import free_port
 
 SCRIPT = Path(__file__).resolve().parent.parent / "gen_service.py"
 FILENAME = 'résumé "final".pdf'

@@ -30,6 +30,7 @@ from storage import LocalStorage, S3Storage, StorageError
 BASE_URL = "http://testserver"
 ENDPOINT_URL = "http://127.0.0.1:9"
 SECRET_ACCESS_KEY = "testing"  # conftest's aws_environment
+SHA256 = "0" * 64
 METADATA = '{"content_type": "text/plain", "content_disposition": "attachment"}'
 DISPOSITION = re.compile(r"attachment; filename=\"([^\"]*)\"; filename\*=UTF-8''(\S*)")
 Link = tuple[str, str, str]
@@ -48,7 +49,7 @@ def link_parts(url: str) -> Link:
 
 
 def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
-    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
+    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment", sha256=SHA256)
 
 
 # ---------------------------------------------------------------- clean_filename
@@ -177,7 +178,7 @@ def stored_key(local: LocalStorage) -> str:
 @pytest.mark.parametrize("base_url", ["http://testserver", "http://testserver/", "https://cdn.example/assets/"])
 def test_local_url_is_the_files_route_under_the_public_base_url(root: Path, base_url: str) -> None:
     key = new_key()
-    url = LocalStorage(root, base_url, presign_ttl_seconds=60).url(key)
+    url = LocalStorage(root, base_url, presign_ttl_seconds=60).link(key).url
     assert url.startswith(f"{base_url.rstrip('/')}/files/{key}?")
 
 
@@ -185,16 +186,16 @@ def test_local_url_is_the_files_route_under_the_public_base_url(root: Path, base
 def test_local_link_opens_the_bytes_that_were_put(local: LocalStorage, data: bytes) -> None:
     key = new_key()
     put_bytes(local, key, data)
-    path, _ = local.open(*link_parts(local.url(key)))
+    path, _ = local.open(*link_parts(local.link(key).url))
     assert path.read_bytes() == data
 
 
 def test_local_link_opens_the_metadata_that_was_put(local: LocalStorage) -> None:
     key = new_key()
     disposition = storage.content_disposition("résumé.pdf")
-    local.put(key, io.BytesIO(b"%PDF"), content_type="application/pdf", content_disposition=disposition)
-    _, metadata = local.open(*link_parts(local.url(key)))
-    assert metadata == {"content_type": "application/pdf", "content_disposition": disposition}
+    local.put(key, io.BytesIO(b"%PDF"), content_type="application/pdf", content_disposition=disposition, sha256=SHA256)
+    _, metadata = local.open(*link_parts(local.link(key).url))
+    assert metadata == {"content_type": "application/pdf", "content_disposition": disposition, "sha256": SHA256}
 
 
 TAMPERINGS: dict[str, Callable[[Link], Link]] = {
@@ -210,7 +211,7 @@ TAMPERINGS: dict[str, Callable[[Link], Link]] = {
 @pytest.mark.parametrize("tamper", TAMPERINGS.values(), ids=TAMPERINGS.keys())
 def test_local_tampered_link_is_refused(local: LocalStorage, stored_key: str, tamper: Callable[[Link], Link]) -> None:
     with pytest.raises(StorageError) as refused:
-        local.open(*tamper(link_parts(local.url(stored_key))))
+        local.open(*tamper(link_parts(local.link(stored_key).url)))
     assert refused.value.status_code == 403
 
 
@@ -227,7 +228,7 @@ def test_local_tampered_link_is_refused(local: LocalStorage, stored_key: str, ta
     ],
 )
 def test_local_malformed_expiry_is_refused(local: LocalStorage, stored_key: str, expires: str) -> None:
-    _, _, signature = link_parts(local.url(stored_key))
+    _, _, signature = link_parts(local.link(stored_key).url)
     with pytest.raises(StorageError) as refused:
         local.open(stored_key, expires, signature)
     assert refused.value.status_code == 403
@@ -238,7 +239,7 @@ def test_local_link_opens_until_it_expires(root: Path, clock: Clock, seconds_lat
     local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
     key = new_key()
     put_bytes(local, key)
-    link = link_parts(local.url(key))
+    link = link_parts(local.link(key).url)
     clock.now += seconds_later
     assert local.open(*link)[0].read_bytes() == b"hello"
 
@@ -248,7 +249,7 @@ def test_local_link_is_refused_after_it_expires(root: Path, clock: Clock, second
     local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
     key = new_key()
     put_bytes(local, key)
-    link = link_parts(local.url(key))
+    link = link_parts(local.link(key).url)
     clock.now += seconds_later
     with pytest.raises(StorageError) as refused:
         local.open(*link)
@@ -325,7 +326,7 @@ def test_local_symlink_out_of_the_root_is_refused(
     key = new_key()
     place_symlink(root, key, outside)
     with pytest.raises(StorageError) as refused:
-        local.open(*link_parts(local.url(key)))
+        local.open(*link_parts(local.link(key).url))
     assert refused.value.status_code == 403
 
 
@@ -362,7 +363,9 @@ class FailingReader:
 
 
 def put_failing(local: LocalStorage, key: str) -> None:
-    local.put(key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment")
+    local.put(
+        key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment", sha256=SHA256
+    )
 
 
 def test_local_failed_write_is_a_503(local: LocalStorage) -> None:
@@ -419,32 +422,32 @@ uses_moto = pytest.mark.usefixtures("aws")
 @pytest.mark.parametrize("region", ["eu-west-2", "ap-southeast-2"])
 def test_s3_url_is_virtual_host_in_the_region(region: str) -> None:
     key = new_key()
-    url = s3_storage(region=region).url(key)
+    url = s3_storage(region=region).link(key).url
     assert url.startswith(f"https://assets.s3.{region}.amazonaws.com/{key}?")
 
 
 @uses_moto
 def test_s3_url_is_sigv4() -> None:
-    assert s3_query(s3_storage(region="eu-west-2").url(new_key()))["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    assert s3_query(s3_storage(region="eu-west-2").link(new_key()).url)["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
 
 
 @uses_moto
 @pytest.mark.parametrize("ttl", [1, 3600, 604800])
 def test_s3_url_expires_after_the_ttl(ttl: int) -> None:
-    assert s3_query(s3_storage(region="eu-west-2", ttl=ttl).url(new_key()))["X-Amz-Expires"] == str(ttl)
+    assert s3_query(s3_storage(region="eu-west-2", ttl=ttl).link(new_key()).url)["X-Amz-Expires"] == str(ttl)
 
 
 @uses_moto
 @pytest.mark.parametrize("region", ["eu-west-2", "ap-southeast-2"])
 def test_s3_url_credential_scope_names_the_region(region: str) -> None:
-    credential = s3_query(s3_storage(region=region).url(new_key()))["X-Amz-Credential"]
+    credential = s3_query(s3_storage(region=region).link(new_key()).url)["X-Amz-Credential"]
     assert credential.endswith(f"/{region}/s3/aws4_request")
 
 
 @uses_moto
 def test_s3_url_with_an_endpoint_is_path_style() -> None:
     key = new_key()
-    url = s3_storage(region="eu-west-2", endpoint_url=ENDPOINT_URL).url(key)
+    url = s3_storage(region="eu-west-2", endpoint_url=ENDPOINT_URL).link(key).url
     assert url.startswith(f"{ENDPOINT_URL}/assets/{key}?")
 
 
@@ -454,7 +457,7 @@ def put_object(s3_store: S3Storage) -> PutObject:
 
     def put(data: bytes, content_type: str, disposition: str) -> dict[str, Any]:
         key = new_key()
-        s3_store.put(key, io.BytesIO(data), content_type=content_type, content_disposition=disposition)
+        s3_store.put(key, io.BytesIO(data), content_type=content_type, content_disposition=disposition, sha256=SHA256)
         return s3_store.client.get_object(Bucket="assets", Key=key)
 
     return put
@@ -484,7 +487,7 @@ def test_s3_put_to_a_missing_bucket_is_a_502() -> None:
     client = storage.make_s3_client(region="us-east-1", endpoint_url=None, connect_timeout=1, read_timeout=1)
     with pytest.raises(StorageError) as refused:
         S3Storage(client, "no-such-bucket", 60).put(
-            new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment"
+            new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment", sha256=SHA256
         )
     assert refused.value.status_code == 502
 

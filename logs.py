@@ -1,0 +1,116 @@
+"""Logging for the service: request ids, one access line per request, text or JSON lines on stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("gen_service.access")
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+# A caller's id is echoed only if it is short and printable, so it cannot forge log lines or headers.
+CALLER_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def logging_config(log_format: str, level: str) -> dict[str, Any]:
+    """A dictConfig for our loggers and uvicorn's alike (uvicorn applies it in every worker)."""
+    formatter = {"()": f"{__name__}.JSONFormatter"} if log_format == "json" else {"format": TEXT_FORMAT}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": f"{__name__}.RequestIdFilter"}},
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "default",
+                "filters": ["request_id"],
+            }
+        },
+        "root": {"handlers": ["stdout"], "level": level},
+        "loggers": {name: {"level": level} for name in ("uvicorn", "uvicorn.error")},
+    }
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, and any `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class RequestContext:
+    """Gives every request an id (echoed in `X-Request-ID`), answers unexpected errors with a JSON 500,
+    and logs one access line per request. Paths are logged without their query: local-store links
+    carry their signature there, and a link is as good as the file."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        # Each request runs in its own task, so this value stays with it, uvicorn's error lines included.
+        request_id.set(given if CALLER_REQUEST_ID.fullmatch(given) else uuid4().hex)
+        started = time.perf_counter()
+        response: dict[str, int] = {"status": 0, "bytes": 0}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.get().encode())]
+            elif message["type"] == "http.response.body":
+                response["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not response["status"]:
+                await JSONResponse({"detail": "internal server error"}, 500)(scope, receive, send_with_id)
+            raise  # uvicorn logs the traceback, once
+        finally:
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": response["status"],
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "bytes": response["bytes"],
+            }
+            if trace_id := headers.get("x-amzn-trace-id"):
+                fields["trace_id"] = trace_id
+            access_log.info(
+                "%s %s %s %sms %sB",
+                *(fields[name] for name in ("method", "path", "status", "duration_ms", "bytes")),
+                extra={"fields": fields},
+            )

@@ -1,0 +1,224 @@
+"""What operators rely on: readiness, request ids, access lines, integrity fields, honest expiry."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from botocore.credentials import RefreshableCredentials
+
+import gen_service
+import logs
+import storage
+from conftest import Download, asgi_client
+from gen_service import Settings
+
+pytestmark = pytest.mark.anyio
+
+ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def expires_at(answer: dict[str, object]) -> datetime:
+    return datetime.strptime(str(answer["expires_at"]), ISO_UTC).replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- readiness
+
+
+async def test_ready_when_storage_works(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ready")
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+async def test_not_ready_when_the_bucket_is_gone(s3_settings: Settings, s3: object) -> None:
+    async with await asgi_client(gen_service.create_app(s3_settings)) as client:
+        s3.delete_bucket(Bucket=s3_settings.s3_bucket)  # type: ignore[attr-defined]
+        response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "detail": "storage refused the request (404)"}
+
+
+async def test_not_ready_when_the_local_directory_is_gone(local_settings: Settings) -> None:
+    async with await asgi_client(gen_service.create_app(local_settings)) as client:
+        for path in sorted(local_settings.local_storage_dir.rglob("*"), reverse=True):
+            path.unlink()
+        local_settings.local_storage_dir.rmdir()
+        response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "detail": "storage directory is not writable"}
+
+
+@pytest.fixture
+def counted_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every storage check the app makes, by store."""
+    calls: list[str] = []
+    for store in (storage.LocalStorage, storage.S3Storage):
+        original = store.check
+        monkeypatch.setattr(store, "check", lambda self, original=original: calls.append("check") or original(self))
+    return calls
+
+
+async def test_ready_caches_the_storage_check(client: httpx.AsyncClient, counted_checks: list[str]) -> None:
+    for _ in range(5):
+        assert (await client.get("/ready")).status_code == 200
+    assert counted_checks == ["check"]
+
+
+@pytest.mark.parametrize("path", ["/", "/health"])
+async def test_liveness_never_touches_storage(client: httpx.AsyncClient, counted_checks: list[str], path: str) -> None:
+    assert (await client.get(path)).json() == {"status": "ok"}
+    assert counted_checks == []
+
+
+# ---------------------------------------------------------------- request ids and access lines
+
+
+async def test_a_callers_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": "ws-session-42:call-7"})
+    assert response.headers["x-request-id"] == "ws-session-42:call-7"
+
+
+@pytest.mark.parametrize("given", [None, "", "a" * 129, "has space", "tab\there", "naïve".encode()])
+async def test_a_missing_or_unsafe_request_id_is_replaced(client: httpx.AsyncClient, given: str | bytes | None) -> None:
+    headers = {} if given is None else {"X-Request-ID": given}
+    first = await client.get("/health", headers=headers)
+    second = await client.get("/health", headers=headers)
+    assert re.fullmatch(r"[0-9a-f]{32}", first.headers["x-request-id"])
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/nowhere", 404), ("/ready", 200)])
+async def test_errors_carry_a_request_id_too(client: httpx.AsyncClient, path: str, status: int) -> None:
+    response = await client.get(path, headers={"X-Request-ID": "abc"})
+    assert (response.status_code, response.headers["x-request-id"]) == (status, "abc")
+
+
+async def test_an_unexpected_error_is_a_json_500_with_an_id(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gen_service, "render_png", lambda prompt: 1 / 0)
+    app = gen_service.create_app(local_settings)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.post("/generate", json={"prompt": "x"}, headers={"X-Request-ID": "boom-1"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert response.headers["x-request-id"] == "boom-1"
+
+
+async def test_one_access_line_per_request_without_the_query(
+    local_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gen_service.access")
+    caplog.handler.addFilter(logs.RequestIdFilter())
+    async with await asgi_client(gen_service.create_app(local_settings)) as client:
+        answer = (await client.post("/upload", files={"file": ("a.txt", b"abc", "text/plain")})).json()
+        await client.get(answer["url"], headers={"X-Request-ID": "dl-1", "X-Amzn-Trace-Id": "Root=1-5e1b-abc"})
+
+    lines = [record for record in caplog.records if record.name == "gen_service.access"]
+    assert [line.fields["method"] for line in lines] == ["POST", "GET"]  # type: ignore[attr-defined]
+    download = lines[1].fields  # type: ignore[attr-defined]
+    assert download["path"] == urlsplit(answer["url"]).path
+    assert (download["status"], download["bytes"], download["trace_id"]) == (200, 3, "Root=1-5e1b-abc")
+    assert download["duration_ms"] >= 0
+    assert lines[1].request_id == "dl-1"  # type: ignore[attr-defined]
+    assert not any("signature" in record.getMessage() or "X-Amz" in record.getMessage() for record in caplog.records)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+async def test_upload_answer_describes_the_stored_bytes(client: httpx.AsyncClient, download: Download) -> None:
+    content = os.urandom(200_000)
+    before = datetime.now(UTC).replace(microsecond=0)
+    answer = (await client.post("/upload", files={"file": ("a.bin", content, "application/x-thing")})).json()
+
+    assert answer["size"] == len(content)
+    assert answer["sha256"] == hashlib.sha256(content).hexdigest()
+    assert answer["content_type"] == "application/x-thing"
+    assert re.fullmatch(r"uploads/[0-9a-f]{32}", answer["key"]) and answer["key"] in answer["url"]
+    assert before + timedelta(seconds=3600) <= expires_at(answer) <= before + timedelta(seconds=3602)
+    assert hashlib.sha256((await download(answer["url"])).content).hexdigest() == answer["sha256"]
+
+
+async def test_generate_answer_describes_the_stored_png(client: httpx.AsyncClient, download: Download) -> None:
+    answer = (await client.post("/generate", json={"prompt": "a fox"})).json()
+    png = (await download(answer["url"])).content
+    assert (answer["size"], answer["sha256"]) == (len(png), hashlib.sha256(png).hexdigest())
+    assert answer["content_type"] == "image/png"
+    assert re.fullmatch(r"generated/[0-9a-f]{32}\.png", answer["key"])
+
+
+@pytest.mark.parametrize("size", [1000, 9 * 1024 * 1024], ids=["single-put", "multipart"])
+async def test_s3_object_carries_sha256_and_a_checked_checksum(s3_settings: Settings, s3: object, size: int) -> None:
+    content = os.urandom(size)
+    async with await asgi_client(gen_service.create_app(s3_settings)) as client:
+        answer = (await client.post("/upload", files={"file": ("a.bin", content)})).json()
+    head = s3.head_object(Bucket=s3_settings.s3_bucket, Key=answer["key"], ChecksumMode="ENABLED")  # type: ignore[attr-defined]
+    assert head["Metadata"] == {"sha256": hashlib.sha256(content).hexdigest()}
+    assert "ChecksumSHA256" in head
+    if size == 1000:  # a single PUT's checksum is of the whole object; a multipart one is of its parts
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == answer["sha256"]
+
+
+async def test_s3_checksums_can_be_switched_off(s3_settings: Settings, s3: object) -> None:
+    app = gen_service.create_app(replace(s3_settings, s3_checksums="when_required"))
+    async with await asgi_client(app) as client:
+        answer = (await client.post("/upload", files={"file": ("a.bin", b"abc")})).json()
+    head = s3.head_object(Bucket=s3_settings.s3_bucket, Key=answer["key"], ChecksumMode="ENABLED")  # type: ignore[attr-defined]
+    assert "ChecksumSHA256" not in head
+    assert head["Metadata"] == {"sha256": answer["sha256"]}
+
+
+# ---------------------------------------------------------------- honest expiry
+
+
+def temporary_credentials(expire_in: timedelta) -> RefreshableCredentials:
+    """Credentials like a task role's, expiring in `expire_in` (more than botocore's 15 min refresh margin)."""
+    metadata = {
+        "access_key": "ASIATEMPORARY",
+        "secret_key": "secret",
+        "token": "session-token",
+        "expiry_time": (datetime.now(UTC) + expire_in).isoformat(),
+    }
+    return RefreshableCredentials.create_from_metadata(metadata, refresh_using=lambda: metadata, method="test")
+
+
+async def test_links_die_with_temporary_credentials(
+    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = gen_service.create_app(s3_settings)
+    credentials = temporary_credentials(timedelta(minutes=20))
+    monkeypatch.setattr(app.state.storage.client, "_get_credentials", lambda: credentials)
+    caplog.set_level(logging.WARNING, logger="storage")
+
+    async with await asgi_client(app) as client:
+        answers = [(await client.post("/generate", json={"prompt": "x"})).json() for _ in range(2)]
+
+    assert abs(expires_at(answers[0]) - credentials._expiry_time) < timedelta(seconds=1)
+    assert 1190 <= int(parse_qs(urlsplit(answers[0]["url"]).query)["X-Amz-Expires"][0]) <= 1200
+    assert [record.getMessage() for record in caplog.records if record.name == "storage"] == [
+        "links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner"
+    ]
+
+
+async def test_long_lived_credentials_keep_the_ttl(s3_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = gen_service.create_app(replace(s3_settings, presign_ttl_seconds=600))
+    monkeypatch.setattr(app.state.storage.client, "_get_credentials", lambda: temporary_credentials(timedelta(hours=6)))
+    async with await asgi_client(app) as client:
+        answer = (await client.post("/generate", json={"prompt": "x"})).json()
+    assert parse_qs(urlsplit(answer["url"]).query)["X-Amz-Expires"] == ["600"]
+
+
+def test_local_store_links_state_their_expiry(tmp_path: Path) -> None:
+    link = storage.LocalStorage(tmp_path, "http://x", 60).link("uploads/" + "0" * 32)
+    assert parse_qs(urlsplit(link.url).query)["expires"] == [str(int(link.expires_at.timestamp()))]
