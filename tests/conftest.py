@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 
 import boto3
@@ -124,3 +131,151 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the real server process
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "gen_service.py"
+FILENAME = 'résumé "final".pdf'
+STARTUP_SECONDS = 15
+# The developer's shell may set any of these; each test runs with exactly the settings it names.
+SERVICE_VARIABLES = re.compile(
+    r"HOST|PORT|S3_\w+|s3_\w+|LOCAL_STORAGE_DIR|PUBLIC_BASE_URL|MAX_UPLOAD_BYTES|MAX_PROMPT_CHARS|API_TOKEN"
+    r"|LOG_FORMAT|LOG_LEVEL|SHUTDOWN_GRACE_SECONDS|WORKERS"
+)
+
+
+class Server(NamedTuple):
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+StartServer = Callable[..., Server]
+
+
+def service_env(overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """os.environ without the service's settings, on a free loopback port, plus `overrides` (None unsets)."""
+    env = {name: value for name, value in os.environ.items() if not SERVICE_VARIABLES.fullmatch(name)}
+    env.update(HOST="127.0.0.1", PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def wait_until_healthy(http: httpx.Client, server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with status {server.process.returncode}:\n{server.log()}")
+        try:
+            if http.get(f"{server.base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"server did not answer /health within {STARTUP_SECONDS} s:\n{server.log()}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, as a supervisor would, then SIGKILL if the process is still there after `timeout`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """A client that ignores proxy settings, so nothing it sends leaves loopback."""
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The server's working directory, where `./data` and `.env` resolve."""
+    path = tmp_path / "workdir"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def start_server(http: httpx.Client, workdir: Path, tmp_path: Path) -> Iterator[StartServer]:
+    """Starts `python gen_service.py` and waits for /health; stops every process it started at teardown."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(env_overrides: Mapping[str, str | None], cwd: Path = workdir) -> Server:
+        env = service_env(env_overrides)
+        log_path = tmp_path / f"server-{len(processes)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([sys.executable, str(SCRIPT)], cwd=cwd, env=env, stdout=log, stderr=log)
+        processes.append(process)
+        server = Server(f"http://127.0.0.1:{env['PORT']}", process, log_path)
+        wait_until_healthy(http, server)
+        return server
+
+    yield start
+    for process in processes:
+        stop(process)
+
+
+@pytest.fixture
+def s3_env(moto_server: str, bucket: str) -> dict[str, str | None]:
+    """Settings for the S3 store on the moto server."""
+    return {"S3_BUCKET": bucket, "S3_ENDPOINT_URL": moto_server}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """The local store's directory, outside the working directory."""
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def local_server(start_server: StartServer, data_dir: Path) -> Server:
+    """The server on the local store, its links on itself (no PUBLIC_BASE_URL)."""
+    return start_server({"LOCAL_STORAGE_DIR": str(data_dir)})
+
+
+def upload(http: httpx.Client, server: Server, data: bytes) -> dict[str, Any]:
+    """POST /upload with `data` as the `file` part, named FILENAME, type application/pdf."""
+    response = http.post(f"{server.base_url}/upload", files={"file": (FILENAME, data, "application/pdf")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def query_value(url: str, name: str) -> str:
+    [value] = parse_qs(urlsplit(url).query)[name]
+    return value
+
+
+def s3_key(url: str, bucket: str) -> str:
+    """The object key of a path-style presigned URL."""
+    path = urlsplit(url).path
+    assert path.startswith(f"/{bucket}/"), url
+    return path.removeprefix(f"/{bucket}/")
+
+
+def keys_in(s3: Any, bucket: str, prefix: str) -> list[str]:
+    return [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+
+def write_dotenv(directory: Path, values: Mapping[str, str]) -> None:
+    (directory / ".env").write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+
+
+def temp_files_held(process: subprocess.Popen[bytes], directory: Path) -> list[str]:
+    """Files under `directory` the process still has open (spooled uploads are unlinked at once)."""
+    fd_dir = Path(f"/proc/{process.pid}/fd")
+    return [target for fd in fd_dir.iterdir() if (target := os.readlink(fd)).startswith(str(directory))]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dockerfile
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -61,3 +68,43 @@ def test_everything_copied_exists_and_passes_dockerignore(instructions: list[doc
     assert copied and set(copied) <= admitted
     assert all((ROOT / source).is_file() for source in copied)
     assert {module.name for module in ROOT.glob("*.py")} <= set(copied)
+
+
+def test_the_image_starts_and_passes_its_healthcheck(instructions: list[dockerfile.Command], tmp_path: Path) -> None:
+    """What `docker run` would do, without Docker: a fresh environment with only requirements.txt, the
+    Dockerfile's ENV, its CMD from WORKDIR, then its HEALTHCHECK command. Only the address (loopback,
+    a free port) and the directories (under tmp_path instead of /app) differ."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-cache-dir", "-r", str(ROOT / "requirements.txt")]
+    subprocess.run(pip, check=True, timeout=600)
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    for command in instructions:
+        if command.cmd == "COPY":
+            for source in command.value[:-1]:
+                shutil.copy(ROOT / source, workdir)
+    values = [value for command in instructions if command.cmd == "ENV" for value in command.value]
+    image_env = dict(zip(values[::2], values[1::2], strict=True))
+    port = str(free_port())
+    env = {
+        "PATH": os.environ["PATH"],
+        **image_env,
+        "HOST": "127.0.0.1",
+        "PORT": port,
+        "LOCAL_STORAGE_DIR": image_env["LOCAL_STORAGE_DIR"].replace("/app", str(workdir)),
+    }
+    to_venv = {"python": python}
+    cmd = [to_venv.get(word, word) for word in first(instructions, "CMD").value]
+    check = [to_venv.get(word, word) for word in first(instructions, "HEALTHCHECK").value[1:]]
+
+    server = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(check, env=env, capture_output=True, timeout=10).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "the service did not come up"
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
