@@ -20,6 +20,8 @@ request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 # A caller's id is echoed only if it is short and printable, so it cannot forge log lines or headers.
 CALLER_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+# Load balancer probes, logged only when they fail: an ALB probes every task every few seconds.
+PROBE_PATHS = frozenset({"/", "/health", "/ready"})
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -100,17 +102,22 @@ class RequestContext:
                 await JSONResponse({"detail": "internal server error"}, 500)(scope, receive, send_with_id)
             raise  # uvicorn logs the traceback, once
         finally:
-            fields = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": response["status"],
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "bytes": response["bytes"],
-            }
-            if trace_id := headers.get("x-amzn-trace-id"):
-                fields["trace_id"] = trace_id
-            access_log.info(
-                "%s %s %s %sms %sB",
-                *(fields[name] for name in ("method", "path", "status", "duration_ms", "bytes")),
-                extra={"fields": fields},
-            )
+            if not (response["status"] == 200 and scope["path"] in PROBE_PATHS):
+                log_access(scope, headers, response, time.perf_counter() - started)
+
+
+def log_access(scope: Scope, headers: Headers, response: dict[str, int], seconds: float) -> None:
+    fields = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": response["status"],
+        "duration_ms": round(seconds * 1000, 2),
+        "bytes": response["bytes"],
+    }
+    if trace_id := headers.get("x-amzn-trace-id"):
+        fields["trace_id"] = trace_id
+    access_log.info(
+        "%s %s %s %sms %sB",
+        *(fields[name] for name in ("method", "path", "status", "duration_ms", "bytes")),
+        extra={"fields": fields},
+    )

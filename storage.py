@@ -19,7 +19,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Protocol
@@ -35,9 +35,18 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.manager import TransferConfig, TransferManager
 
 log = logging.getLogger(__name__)
 
+# Multipart uploads (8 MiB parts) share 3 request threads and at most 3 parts in memory across the
+# whole process; boto3's defaults allow 10 threads and 10 parts, ~100 MiB, for every single upload.
+TRANSFER_CONFIG = TransferConfig(
+    multipart_threshold=8 * 1024 * 1024,
+    multipart_chunksize=8 * 1024 * 1024,
+    max_request_concurrency=3,
+    max_in_memory_upload_chunks=3,
+)
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
 MAX_FILENAME_CHARS = 255
@@ -130,17 +139,25 @@ class S3Storage:
     bucket: str
     presign_ttl_seconds: int
     warned_about_short_links: bool = False
+    transfers: TransferManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transfers = TransferManager(self.client, TRANSFER_CONFIG)
 
     def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None:
+        # With checksums on (the default), botocore adds a CRC32 that S3 checks as the bytes arrive.
         extra_args = {
             "ContentType": content_type,
             "ContentDisposition": content_disposition,
             "Metadata": {"sha256": sha256},
         }
-        if self.client.meta.config.request_checksum_calculation == "when_supported":
-            extra_args["ChecksumAlgorithm"] = "SHA256"  # S3 checks every part against it as it arrives
+        size = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(0)
         with s3_errors(f"put {key}"):
-            self.client.upload_fileobj(fileobj, self.bucket, key, ExtraArgs=extra_args)
+            if size < TRANSFER_CONFIG.multipart_threshold:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=fileobj, **extra_args)
+            else:
+                self.transfers.upload(fileobj, self.bucket, key, extra_args).result()
 
     def link(self, key: str) -> Link:
         now = datetime.now(UTC)
