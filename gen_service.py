@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, MalformedRangeHeader, RangeNotSatisfiable, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -194,7 +194,7 @@ async def read_prompt(request: Request) -> str:
         raise HTTPException(415, "expected Content-Type: application/json")
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         raise HTTPException(422, "body must be valid JSON") from None
     if not isinstance(body, dict):
         raise HTTPException(422, "body must be a JSON object")
@@ -344,6 +344,15 @@ async def download(request: Request) -> FileResponse:
     path, metadata = await run_in_threadpool(
         request.app.state.storage.open, request.path_params["key"], query.get("expires", ""), query.get("signature", "")
     )
+    if (requested := request.headers.get("range")) is not None:
+        # FileResponse would answer a bad range in plain text; checked here with its own parser.
+        try:
+            FileResponse._parse_range_header(requested, path.stat().st_size)
+        except MalformedRangeHeader as error:
+            raise HTTPException(400, error.content) from None
+        except RangeNotSatisfiable as error:
+            content_range = {"Content-Range": f"bytes */{error.max_size}"}
+            raise HTTPException(416, "requested range is not satisfiable", headers=content_range) from None
     headers = {"Content-Disposition": metadata["content_disposition"], "X-Content-Type-Options": "nosniff"}
     return FileResponse(path, media_type=metadata["content_type"], headers=headers)
 

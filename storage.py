@@ -48,6 +48,7 @@ TRANSFER_CONFIG = TransferConfig(
     max_in_memory_upload_chunks=3,
 )
 # The only keys the service ever makes: the local store refuses to serve anything else.
+KEY_PREFIXES = ("uploads", "generated")
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
 MAX_FILENAME_CHARS = 255
 # Marks that reorder how a name displays ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
@@ -91,7 +92,7 @@ def clean_filename(name: str | None) -> str | None:
     kept = "".join(
         char for char in base if unicodedata.category(char) not in ("Cc", "Cs") and char not in BIDI_CONTROLS
     )
-    kept = kept.strip()[:MAX_FILENAME_CHARS]
+    kept = kept.strip()[:MAX_FILENAME_CHARS].rstrip()
     return None if kept in ("", ".", "..") else kept
 
 
@@ -231,7 +232,8 @@ class LocalStorage:
             write_atomically(data, lambda out: shutil.copyfileobj(fileobj, out, 1024 * 1024))
             write_atomically(metadata_path, lambda out: out.write(json.dumps(metadata).encode()))
         except OSError as error:
-            data.unlink(missing_ok=True)
+            with suppress(OSError):
+                data.unlink(missing_ok=True)
             log.warning("local put %s failed: %r", key, error)
             raise StorageError(503, "storage could not write the file") from error
 
@@ -242,9 +244,11 @@ class LocalStorage:
 
     def check(self) -> None:
         try:
-            handle, probe = tempfile.mkstemp(dir=self.root, prefix=".ready-")
-            os.close(handle)
-            os.unlink(probe)
+            for prefix in KEY_PREFIXES:
+                (self.root / prefix).mkdir(exist_ok=True)
+                handle, probe = tempfile.mkstemp(dir=self.root / prefix, prefix=".ready-")
+                os.close(handle)
+                os.unlink(probe)
         except OSError as error:
             log.warning("local store is not writable: %r", error)
             raise StorageError(503, "storage directory is not writable") from error
@@ -254,7 +258,8 @@ class LocalStorage:
 
     def open(self, key: str, expires: str, signature: str) -> tuple[Path, dict[str, str]]:
         """The file and its metadata behind a link, or StorageError(403) for any link we did not make."""
-        if not EXPIRES.fullmatch(expires) or not hmac.compare_digest(signature, self.signature(key, int(expires))):
+        expected = self.signature(key, int(expires)) if EXPIRES.fullmatch(expires) else ""
+        if not expected or not hmac.compare_digest(signature.encode(), expected.encode()):
             raise StorageError(403, "link signature is invalid")
         if int(expires) < time.time():
             raise StorageError(403, "link has expired")
@@ -273,8 +278,10 @@ class LocalStorage:
     def path(self, key: str, suffix: str = "") -> Path:
         # Keys are ours (uuid-based, checked here) and symlinks are resolved, so no key or link
         # placed in the directory can reach a file outside it.
+        if not KEY_PATTERN.fullmatch(key):
+            raise StorageError(403, "link points to no file")
         path = (self.root / (key + suffix)).resolve()
-        if not KEY_PATTERN.fullmatch(key) or not path.is_relative_to(self.root):
+        if not path.is_relative_to(self.root):
             raise StorageError(403, "link points to no file")
         return path
 

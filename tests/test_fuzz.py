@@ -1,0 +1,330 @@
+"""Fuzzing: schemathesis holds the app to its OpenAPI document; hypothesis throws any filename and any
+prompt at the upload and generate paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import unicodedata
+from hashlib import sha256
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+import gen_service
+import storage
+from gen_service import Settings
+
+DOCUMENT = json.loads(gen_service.OPENAPI_DOCUMENT)
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+# Each example is a request (a PNG render or a store for the POSTs): bounded to keep the file fast.
+FUZZ_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
+PROPERTY_SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+UPLOADED_KEY = re.compile(r"uploads/[0-9a-f]{32}")
+DISPOSITION = re.compile(r"attachment; filename=\"[ -~]*\"; filename\*=UTF-8''([A-Za-z0-9%._~-]*)")
+PROMPT_LIMIT = Settings.max_prompt_chars
+
+# Every character, with the ones that attack names drawn far more often than chance would.
+HOSTILE = ["/", "\\", ".", "..", "%", "%22", "%0D%0A", '"', "\r", "\n", "\x00", "\u202e", "\u2066", " ", ";", ":"]
+FILENAME_TEXT = st.lists(st.one_of(st.sampled_from(HOSTILE), st.characters()), max_size=1000).map("".join)
+# Multipart carries text: a lone surrogate is not text, so names on the wire leave them out.
+SENDABLE_FILENAME_TEXT = FILENAME_TEXT.map(lambda name: "".join(c for c in name if unicodedata.category(c) != "Cs"))
+TEXT = st.characters(exclude_categories=["Cs"])
+# What str.strip() removes, so what makes a prompt blank.
+WHITESPACE = "".join(filter(str.isspace, map(chr, range(sys.maxunicode + 1))))
+
+
+@pytest.fixture(params=["local_settings", "mocked_settings"])
+def app(request: pytest.FixtureRequest) -> Starlette:
+    """The app on the local store, then on moto's in-process S3 mock."""
+    return gen_service.create_app(request.getfixturevalue(request.param))
+
+
+@pytest.fixture
+def local_app(local_settings: Settings) -> Starlette:
+    """The app on the local store."""
+    return gen_service.create_app(local_settings)
+
+
+def client_of(app: Starlette, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+# ---------------------------------------------------------------- the document
+
+
+def route_operations(app: Starlette) -> set[tuple[str, str]]:
+    """(path template, method) for every route of the app, in OpenAPI's spelling."""
+    return {
+        (re.sub(r":\w+\}", "}", route.path), method.lower())
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"  # Starlette adds HEAD to every GET route
+    }
+
+
+def test_every_route_is_documented_and_every_operation_routed(local_app: Starlette) -> None:
+    documented = {
+        (path, method) for path, item in DOCUMENT["paths"].items() for method in item if method in HTTP_METHODS
+    }
+    assert route_operations(local_app) == documented
+
+
+@pytest.mark.anyio
+async def test_the_served_document_is_valid_openapi_3_1(local_app: Starlette) -> None:
+    validator = pytest.importorskip("openapi_spec_validator")  # installed with moto[server]
+    async with client_of(local_app) as client:
+        served = (await client.get("/openapi.json")).json()
+    validator.validate(served)
+    assert served["openapi"].startswith("3.1.")
+
+
+# The document the app serves; each case is sent to the app of the `app` fixture.
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+
+
+@schema.hook
+def filter_path_parameters(context: schemathesis.HookContext, path_parameters: dict[str, Any] | None) -> bool:
+    # requests resolves `.` and `..` segments before sending (/files/a/../.. becomes /), which would test
+    # another route; test_security sends such keys to the app as written.
+    segments = str((path_parameters or {}).get("key", "")).split("/")
+    return not {".", ".."} & set(segments)
+
+
+@schema.parametrize()
+@FUZZ_SETTINGS
+def test_the_app_does_what_its_document_says(case: schemathesis.Case, app: Starlette) -> None:
+    if not any(path == case.operation.path for path, _ in route_operations(app)):
+        # /files/{key} exists only with the local store: on S3 it is an unknown path.
+        response = case.call(app=app)
+        assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+        return
+    case.call_and_validate(app=app, checks=CHECKS)
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status"),
+    [
+        (None, 200),
+        ("bytes=0-1", 206),
+        ("bytes=2-", 206),
+        pytest.param("bytes=100-200", 416),
+        pytest.param("bytes=abc", 400),
+    ],
+)
+def test_a_real_download_matches_the_document(local_app: Starlette, range_header: str | None, status: int) -> None:
+    # Random links only ever reach the 403, so this follows a link the service made.
+    upload = schema["/upload"]["POST"].Case(body={"file": b"data"}, media_type="multipart/form-data")  # type: ignore[dict-item]
+    url = urlsplit(upload.call_and_validate(app=local_app, checks=CHECKS).json()["url"])
+    query = {name: value for name, value in (pair.split("=") for pair in url.query.split("&"))}
+    headers = {"Range": range_header} if range_header else {}
+    download = schema["/files/{key}"]["GET"].Case(
+        path_parameters={"key": url.path.removeprefix("/files/")}, query=query, headers=headers
+    )
+
+    response = download.call_and_validate(app=local_app, checks=CHECKS)
+
+    assert response.status_code == status
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("body", [b"[" * 5000, b'{"prompt": ' + b"[" * 5000], ids=["array", "in-object"])
+async def test_deeply_nested_json_is_422(local_app: Starlette, body: bytes) -> None:
+    async with client_of(local_app, raise_app_exceptions=False) as client:
+        response = await client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+# ---------------------------------------------------------------- filenames
+
+
+def browser_part(name: str, content: bytes) -> bytes:
+    """A multipart body with one file part named as browsers name it: `"`, CR and LF as %22, %0D, %0A
+    (which the service decodes), and a backslash escaped, as a quoted string must escape it."""
+    quoted = name.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    head = f'--b\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+    return head.encode() + b"Content-Type: text/plain\r\n\r\n" + content + b"\r\n--b--\r\n"
+
+
+def assert_is_a_clean_name(name: str | None) -> None:
+    if name is None:
+        return
+    assert name not in ("", ".", "..")
+    assert "/" not in name and "\\" not in name
+    assert not any(unicodedata.category(char) in ("Cc", "Cs") for char in name)
+    assert not set(name) & storage.BIDI_CONTROLS
+    assert len(name) <= storage.MAX_FILENAME_CHARS
+
+
+def assert_disposition_carries(header: str, name: str | None) -> None:
+    """One printable ASCII line whose `filename*` decodes to exactly `name`."""
+    assert header.isascii() and header.isprintable()
+    if name is None:
+        assert header == "attachment"
+        return
+    match = DISPOSITION.fullmatch(header)
+    assert match, header
+    assert unquote(match[1], errors="strict") == name
+
+
+@PROPERTY_SETTINGS
+@given(FILENAME_TEXT)
+@example("../../../etc/passwd")
+@example("..\\..\\windows\\win.ini")
+@example("x\"; filename*=UTF-8''evil.exe")
+@example("a\r\nSet-Cookie: x=y")
+@example("invoice\u202efdp.exe")
+@example("é" * 1000)
+def test_any_name_is_cleaned_into_a_single_safe_header(name: str) -> None:
+    cleaned = storage.clean_filename(name)
+    assert_is_a_clean_name(cleaned)
+    assert_disposition_carries(storage.content_disposition(cleaned), cleaned)
+
+
+def test_a_name_cut_to_the_limit_does_not_end_in_whitespace() -> None:
+    cleaned = storage.clean_filename("a" * 254 + " b.txt")
+    assert cleaned == cleaned.strip()  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+@PROPERTY_SETTINGS
+@given(name=SENDABLE_FILENAME_TEXT)
+@example(name="../../../etc/passwd")
+@example(name="..\\..\\..\\etc\\passwd")
+@example(name="C:\\Users\\x\\a.txt")
+@example(name='say "hi".txt')
+@example(name="two\r\nlines\x00.txt")
+@example(name="invoice\u202efdp.exe")
+@example(name="uploads/../.signing-key")
+@example(name="\U0001f3a8" * 1000)
+async def test_uploaded_name_never_picks_the_key_and_round_trips(local_app: Starlette, name: str) -> None:
+    root = local_app.state.storage.root
+    async with client_of(local_app) as client:
+        response = await client.post(
+            "/upload", content=browser_part(name, b"data"), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        url = urlsplit(body["url"])
+        key = url.path.removeprefix("/files/")
+        assert UPLOADED_KEY.fullmatch(key), body["url"]
+        assert body.get("key", key) == key
+        assert body.get("sha256", sha256(b"data").hexdigest()) == sha256(b"data").hexdigest()
+        assert body["filename"] == storage.clean_filename(name)
+        assert_is_a_clean_name(body["filename"])
+
+        download = await client.get(f"{url.path}?{url.query}")
+
+    assert download.status_code == 200
+    assert download.content == b"data"
+    [disposition] = download.headers.get_list("content-disposition")
+    assert_disposition_carries(disposition, body["filename"])
+    assert (root / key).is_file()
+    # Nothing is written anywhere but beside the other uploads.
+    assert [path for path in root.parent.rglob("*") if path.is_file() and path.parent != root / "uploads"] == [
+        root / ".signing-key"
+    ]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def repeated_to(piece: str, length: int) -> str:
+    return (piece * (length // len(piece) + 1))[:length]
+
+
+def prompts(min_size: int, max_size: int) -> st.SearchStrategy[str]:
+    """Non-blank text of `min_size`..`max_size` characters: a random piece repeated to a random length,
+    since hypothesis draws long strings slowly and a piece already mixes every kind of character."""
+    pieces = st.text(TEXT, min_size=1, max_size=40)
+    return st.builds(repeated_to, pieces, st.integers(min_size, max_size)).filter(str.strip)
+
+
+async def post_prompt(client: httpx.AsyncClient, prompt: str) -> httpx.Response:
+    # ensure_ascii, so that every character travels as a JSON escape and none as a raw byte.
+    body = json.dumps({"prompt": prompt}).encode()
+    return await client.post("/generate", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.anyio
+@settings(PROPERTY_SETTINGS, max_examples=20)
+@given(prompt=st.one_of(st.text(TEXT, min_size=1, max_size=100).filter(str.strip), prompts(1, PROMPT_LIMIT)))
+@example(prompt="x" * PROMPT_LIMIT)
+@example(prompt="\U0001f3a8" * PROMPT_LIMIT)
+@example(prompt="\x00\u202e\r\n\t\ufeffa")
+async def test_any_prompt_within_the_limit_renders_a_png(local_app: Starlette, prompt: str) -> None:
+    async with client_of(local_app) as client:
+        response = await post_prompt(client, prompt)
+        assert response.status_code == 200, response.text
+        url = urlsplit(response.json()["url"])
+        download = await client.get(f"{url.path}?{url.query}")
+
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(download.content))
+    image.verify()
+    assert image.format == "PNG"
+    body = response.json()
+    assert body.get("sha256", sha256(download.content).hexdigest()) == sha256(download.content).hexdigest()
+    assert body.get("size", len(download.content)) == len(download.content)
+
+
+@pytest.mark.anyio
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(prompt=prompts(PROMPT_LIMIT + 1, 2 * PROMPT_LIMIT))
+@example(prompt="x" * (PROMPT_LIMIT + 1))
+async def test_any_prompt_over_the_limit_is_422(local_app: Starlette, prompt: str) -> None:
+    async with client_of(local_app) as client:
+        response = await post_prompt(client, prompt)
+    assert response.status_code == 422
+    assert response.json() == {"detail": f"prompt must be at most {PROMPT_LIMIT} characters"}
+    assert not (local_app.state.storage.root / "generated").exists()
+
+
+@pytest.mark.anyio
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(prompt=st.text(st.sampled_from(WHITESPACE), min_size=1, max_size=50))
+async def test_any_blank_prompt_is_422(local_app: Starlette, prompt: str) -> None:
+    async with client_of(local_app) as client:
+        response = await post_prompt(client, prompt)
+    assert response.status_code == 422
+    assert response.json() == {"detail": "prompt must not be empty"}
+
+
+def test_the_documented_prompt_pattern_fails_exactly_on_what_the_service_calls_blank() -> None:
+    pattern = re.compile(DOCUMENT["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"]["pattern"])
+    unmatched = "".join(char for char in map(chr, range(sys.maxunicode + 1)) if not pattern.search(char))
+    assert unmatched == WHITESPACE
