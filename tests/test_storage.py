@@ -234,22 +234,29 @@ def test_local_malformed_expiry_is_refused(local: LocalStorage, stored_key: str,
     assert refused.value.status_code == 403
 
 
-@pytest.mark.parametrize("seconds_later", [0, 0.5, 1])
-def test_local_link_opens_until_it_expires(root: Path, clock: Clock, seconds_later: float) -> None:
+@pytest.fixture
+def one_second_link(root: Path, clock: Clock) -> tuple[LocalStorage, Link]:
+    """A stored file and the pieces of its link, which lives one second on the fake clock."""
     local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
     key = new_key()
     put_bytes(local, key)
-    link = link_parts(local.link(key).url)
+    return local, link_parts(local.link(key).url)
+
+
+@pytest.mark.parametrize("seconds_later", [0, 0.5, 1])
+def test_local_link_opens_until_it_expires(
+    one_second_link: tuple[LocalStorage, Link], clock: Clock, seconds_later: float
+) -> None:
+    local, link = one_second_link
     clock.now += seconds_later
     assert local.open(*link)[0].read_bytes() == b"hello"
 
 
 @pytest.mark.parametrize("seconds_later", [1.001, 2, 86400])
-def test_local_link_is_refused_after_it_expires(root: Path, clock: Clock, seconds_later: float) -> None:
-    local = LocalStorage(root, BASE_URL, presign_ttl_seconds=1)
-    key = new_key()
-    put_bytes(local, key)
-    link = link_parts(local.link(key).url)
+def test_local_link_is_refused_after_it_expires(
+    one_second_link: tuple[LocalStorage, Link], clock: Clock, seconds_later: float
+) -> None:
+    local, link = one_second_link
     clock.now += seconds_later
     with pytest.raises(StorageError) as refused:
         local.open(*link)
