@@ -147,12 +147,13 @@ def make_storage(settings: Settings) -> Storage:
 
 
 class BodyLimit:
-    """Refuses a body over `limit` bytes with JSON 413: on Content-Length before reading, else while
-    streaming. (Starlette's own `max_body_size` answers the Content-Length case in plain text.)"""
+    """Refuses a body over `limit` bytes with JSON 413 `detail`: on Content-Length before reading, else
+    while streaming. (Starlette's own `max_body_size` answers the Content-Length case in plain text.)"""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, detail: str) -> None:
         self.app = app
         self.limit = limit
+        self.detail = detail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = Headers(scope=scope).get("content-length", "")
@@ -172,7 +173,11 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
     def too_large(self) -> HTTPException:
-        return HTTPException(413, f"request body is larger than {self.limit} bytes")
+        return HTTPException(413, self.detail)
+
+
+def file_too_large(max_bytes: int) -> str:
+    return f"file is larger than {max_bytes} bytes"
 
 
 def require_token(request: Request) -> None:
@@ -314,7 +319,7 @@ async def upload(request: Request) -> JSONResponse:
             raise HTTPException(422, "file must be a file part, not a text field")
         max_bytes = request.app.state.settings.max_upload_bytes
         if file.size is not None and file.size > max_bytes:
-            raise HTTPException(413, f"file is larger than {max_bytes} bytes")
+            raise HTTPException(413, file_too_large(max_bytes))
         content_type = file.content_type or "application/octet-stream"
         if not CONTENT_TYPE.fullmatch(content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
@@ -378,14 +383,21 @@ async def client_disconnected(request: Request, exc: Exception) -> None:
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> Starlette:
     settings = settings or read_settings()
     storage = storage or make_storage(settings)
-    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    generate_limit = Middleware(
+        BodyLimit, limit=GENERATE_BODY_LIMIT, detail=f"request body is larger than {GENERATE_BODY_LIMIT} bytes"
+    )
+    upload_limit = Middleware(
+        BodyLimit,
+        limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        detail=file_too_large(settings.max_upload_bytes),
+    )
     routes = [
         Route("/", health),
         Route("/health", health),
         Route("/ready", ready),
         Route("/openapi.json", openapi),
-        Route("/generate", generate, methods=["POST"], middleware=[Middleware(BodyLimit, limit=GENERATE_BODY_LIMIT)]),
-        Route("/upload", upload, methods=["POST"], middleware=[Middleware(BodyLimit, limit=upload_limit)]),
+        Route("/generate", generate, methods=["POST"], middleware=[generate_limit]),
+        Route("/upload", upload, methods=["POST"], middleware=[upload_limit]),
     ]
     if isinstance(storage, LocalStorage):
         routes.append(Route("/files/{key:path}", download))

@@ -30,6 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
@@ -206,6 +207,8 @@ def storage_error(error: BotoCoreError | ClientError) -> StorageError:
         return StorageError(504, "storage did not answer in time")
     if isinstance(error, EndpointConnectionError):
         return StorageError(503, "storage is unreachable")
+    if isinstance(error, ConnectionClosedError):
+        return StorageError(503, "storage closed the connection")
     if isinstance(error, NoCredentialsError):
         return StorageError(502, "storage credentials are not configured")
     return StorageError(503, f"storage failed ({type(error).__name__})")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -277,5 +278,9 @@ def write_dotenv(directory: Path, values: Mapping[str, str]) -> None:
 
 def temp_files_held(process: subprocess.Popen[bytes], directory: Path) -> list[str]:
     """Files under `directory` the process still has open (spooled uploads are unlinked at once)."""
-    fd_dir = Path(f"/proc/{process.pid}/fd")
-    return [target for fd in fd_dir.iterdir() if (target := os.readlink(fd)).startswith(str(directory))]
+    held = []
+    for fd in Path(f"/proc/{process.pid}/fd").iterdir():
+        with suppress(FileNotFoundError):  # closed between the listing and the readlink
+            if (target := os.readlink(fd)).startswith(str(directory)):
+                held.append(target)
+    return held

@@ -1,0 +1,422 @@
+"""Faults between the service and S3 (injected by tests/fault_proxy.py) and faults of clients of the real server:
+each ends in a JSON answer within a known time, with nothing stored, nothing left behind, and the service working."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
+from starlette.applications import Starlette
+
+import gen_service
+from conftest import Server, StartServer, asgi_client, keys_in, temp_files_held, upload
+from gen_service import Settings
+
+MiB = 1024 * 1024
+CONNECT_TIMEOUT = 0.5
+READ_TIMEOUT = 0.5
+# The service's boto3 client: standard retry mode, 3 attempts in all, jittered backoff of at most 1 s then 2 s
+# (throttling errors; 0.05 s then 0.1 s for the others).
+ATTEMPTS = 3
+BACKOFF_SECONDS = 1 + 2
+# botocore sends a PUT's body only after `100 Continue`, or after waiting 1 s for it.
+CONTINUE_WAIT_SECONDS = 1
+# Room for rendering, multipart parsing and a machine busy with other tests.
+SLACK_SECONDS = 3
+REFUSED_BOUND_SECONDS = ATTEMPTS * CONNECT_TIMEOUT + BACKOFF_SECONDS + SLACK_SECONDS  # 7.5 s
+STALLED_BOUND_SECONDS = (
+    ATTEMPTS * (CONNECT_TIMEOUT + CONTINUE_WAIT_SECONDS + READ_TIMEOUT) + BACKOFF_SECONDS + SLACK_SECONDS
+)  # 12 s
+# boto3 switches to a multipart upload at 8 MiB.
+MULTIPART_FILE_BYTES = 9 * MiB
+CALLS: dict[str, dict[str, Any]] = {
+    "/generate": {"json": {"prompt": "a fox in the snow"}},
+    "/upload": {"files": {"file": ("notes.txt", b"a file that S3 may or may not take", "text/plain")}},
+}
+
+pytestmark = pytest.mark.anyio
+
+
+# ---------------------------------------------------------------- S3 faults, through the app
+
+
+@pytest.fixture
+def proxy(moto_server: str) -> Iterator[FaultProxy]:
+    """The moto server behind a fault-injecting proxy, passing traffic until a test switches it."""
+    endpoint = urlsplit(moto_server)
+    proxy = FaultProxy((endpoint.hostname or "127.0.0.1", endpoint.port or 80))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def proxied_settings(proxy: FaultProxy, bucket: str) -> Settings:
+    """The S3 store on the proxy, with short timeouts so that faults end quickly."""
+    return Settings(
+        s3_bucket=bucket,
+        s3_endpoint_url=proxy.url,
+        s3_connect_timeout_seconds=CONNECT_TIMEOUT,
+        s3_read_timeout_seconds=READ_TIMEOUT,
+    )
+
+
+@pytest.fixture
+def app(proxied_settings: Settings) -> Starlette:
+    """The app on the proxied S3 store."""
+    return gen_service.create_app(proxied_settings)
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app on the proxied S3 store (this file's, not conftest's)."""
+    async with await asgi_client(app) as client:
+        yield client
+
+
+@pytest.fixture
+def s3_calls(app: Starlette) -> list[tuple[str, int | str]]:
+    """The S3 operations the app's boto3 client finishes: (name, HTTP status), or (name, error) after retries."""
+    calls: list[tuple[str, int | str]] = []
+
+    def record(event_name: str, http_response: Any = None, exception: Exception | None = None, **_: Any) -> None:
+        outcome = type(exception).__name__ if exception else http_response.status_code
+        calls.append((event_name.rpartition(".")[2], outcome))
+
+    events = app.state.storage.client.meta.events
+    events.register("after-call.s3", record)
+    events.register("after-call-error.s3", record)
+    return calls
+
+
+async def post(client: httpx.AsyncClient, path: str) -> httpx.Response:
+    return await client.post(path, **CALLS[path])
+
+
+async def timed_post(client: httpx.AsyncClient, path: str, **kwargs: Any) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await client.post(path, **(kwargs or CALLS[path]))
+    return response, time.monotonic() - started
+
+
+def assert_stored(s3: Any, bucket: str, answer: dict[str, Any]) -> None:
+    """The bucket holds exactly the object the answer describes, whole."""
+    assert keys_in(s3, bucket, "") == [answer["key"]]
+    stored = s3.get_object(Bucket=bucket, Key=answer["key"])["Body"].read()
+    assert (len(stored), hashlib.sha256(stored).hexdigest()) == (answer["size"], answer["sha256"])
+
+
+def multipart_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+@pytest.mark.parametrize("path", CALLS)
+async def test_s3_down_is_503_within_the_retries(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str, path: str
+) -> None:
+    proxy.mode = Refuse()
+
+    response, elapsed = await timed_post(client, path)
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "storage is unreachable"}
+    assert elapsed < REFUSED_BOUND_SECONDS
+    assert keys_in(s3, bucket, "") == []
+
+
+async def test_health_stays_up_while_s3_is_down(client: httpx.AsyncClient, proxy: FaultProxy) -> None:
+    proxy.mode = Refuse()
+    assert (await post(client, "/upload")).status_code == 503
+
+    response = await client.get("/health")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", CALLS)
+@pytest.mark.parametrize(("outage", "status"), [(Refuse(), 503), (Stall(), 504)], ids=["refused", "stalled"])
+async def test_first_request_after_s3_returns_succeeds(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str, outage: Mode, status: int, path: str
+) -> None:
+    proxy.mode = outage
+    assert (await post(client, path)).status_code == status
+    proxy.mode = PassThrough()
+
+    response = await post(client, path)
+
+    assert response.status_code == 200, response.text
+    assert_stored(s3, bucket, response.json())
+
+
+async def test_s3_stalling_mid_multipart_upload_is_504_and_aborted(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3_calls: list[tuple[str, int | str]], s3: Any, bucket: str
+) -> None:
+    # CreateMultipartUpload and AbortMultipartUpload fit in 1 MiB of a connection; every UploadPart stalls.
+    proxy.mode = Stall(after_bytes=MiB)
+
+    response, elapsed = await timed_post(
+        client, "/upload", files={"file": ("big.bin", os.urandom(MULTIPART_FILE_BYTES), "application/octet-stream")}
+    )
+
+    assert response.status_code == 504
+    assert response.json() == {"detail": "storage did not answer in time"}
+    assert elapsed < STALLED_BOUND_SECONDS
+    assert proxy.faults_injected >= ATTEMPTS
+    assert ("CreateMultipartUpload", 200) in s3_calls
+    assert ("UploadPart", "ReadTimeoutError") in s3_calls
+    assert ("AbortMultipartUpload", 204) in s3_calls
+    assert multipart_uploads(s3, bucket) == []
+    assert keys_in(s3, bucket, "") == []
+
+
+async def test_s3_cutting_a_put_body_is_503_and_stores_nothing(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
+    proxy.mode = Cut(after_bytes=64 * 1024)
+
+    response, elapsed = await timed_post(
+        client, "/upload", files={"file": ("half.bin", os.urandom(MiB), "application/octet-stream")}
+    )
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "storage closed the connection"}
+    assert elapsed < STALLED_BOUND_SECONDS
+    assert proxy.faults_injected == ATTEMPTS
+    assert keys_in(s3, bucket, "") == []
+
+
+@pytest.mark.parametrize("path", CALLS)
+async def test_s3_throttling_once_is_retried_unseen(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str, path: str
+) -> None:
+    proxy.mode = Fail(503, "SlowDown", times=1)
+
+    response = await post(client, path)
+
+    assert response.status_code == 200, response.text
+    assert proxy.faults_injected == 1
+    assert_stored(s3, bucket, response.json())
+
+
+@pytest.mark.parametrize("path", CALLS)
+async def test_s3_failing_every_attempt_is_503(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str, path: str
+) -> None:
+    proxy.mode = Fail(500, "InternalError", times=100)
+
+    response, elapsed = await timed_post(client, path)
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "storage is unavailable (InternalError)"}
+    assert elapsed < STALLED_BOUND_SECONDS
+    assert proxy.faults_injected == ATTEMPTS
+    assert keys_in(s3, bucket, "") == []
+
+
+# S3's real 403 bodies name the caller (and, for a bad key, its access key id): none of it may reach a client.
+ACCESS_DENIED = Fail(
+    403, "AccessDenied", times=100, message="User: arn:aws:iam::123456789012:user/testing is not authorized"
+)
+
+
+@pytest.mark.parametrize("path", CALLS)
+@pytest.mark.parametrize(
+    ("mode", "bucket_name", "code"),
+    [(PassThrough(), "no-such-bucket", "NoSuchBucket"), (ACCESS_DENIED, None, "AccessDenied")],
+    ids=["missing-bucket", "access-denied"],
+)
+async def test_s3_refusal_is_502_naming_only_the_code(
+    proxied_settings: Settings, proxy: FaultProxy, mode: Mode, bucket_name: str | None, code: str, path: str
+) -> None:
+    settings = replace(proxied_settings, s3_bucket=bucket_name or proxied_settings.s3_bucket)
+    proxy.mode = mode
+    async with await asgi_client(gen_service.create_app(settings)) as client:
+        response = await post(client, path)
+
+    assert response.status_code == 502
+    assert response.json() == {"detail": f"storage refused the request ({code})"}
+    for secret in ("testing", "arn:", "http", "127.0.0.1"):
+        assert secret not in response.text
+
+
+# ---------------------------------------------------------------- client faults, against the real server
+
+# Over the 1 MiB that Starlette keeps in memory, so the file part is spooled to TMPDIR.
+SPOOLED_BYTES = 2 * MiB
+MAX_UPLOAD_BYTES = 3 * MiB
+BOUNDARY = "fault-boundary"
+FORM_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+SOCKET_TIMEOUT = 10
+CHUNK = 64 * 1024
+
+
+def form(data: bytes) -> bytes:
+    """A multipart body with `data` as the file part."""
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
+    return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def request_head(path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_answer(connection: socket.socket) -> tuple[str, bytes]:
+    """The first status line the server sends, and the body after it (by its Content-Length)."""
+    raw = b""
+    while b"\r\n\r\n" not in raw and (data := connection.recv(CHUNK)):
+        raw += data
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length and (data := connection.recv(CHUNK)):
+        body += data
+    return status_line, body
+
+
+def overstated_length(connection: socket.socket) -> str:
+    """Sends a whole form under a Content-Length 1 KiB larger, then leaves."""
+    body = form(os.urandom(SPOOLED_BYTES))
+    connection.sendall(request_head("/upload", {**FORM_HEADERS, "Content-Length": str(len(body) + 1024)}) + body)
+    return "/upload"
+
+
+def short_json(connection: socket.socket) -> str:
+    """Sends part of a JSON body, then leaves."""
+    headers = {"Content-Type": "application/json", "Content-Length": "200"}
+    connection.sendall(request_head("/generate", headers) + b'{"prompt": "a fox in')
+    return "/generate"
+
+
+def half_closed(connection: socket.socket) -> str:
+    """Sends a form without its last KiB, then shuts its sending side and waits for an answer that cannot come."""
+    body = form(os.urandom(SPOOLED_BYTES))
+    connection.sendall(request_head("/upload", {**FORM_HEADERS, "Content-Length": str(len(body))}) + body[:-1024])
+    connection.shutdown(socket.SHUT_WR)
+    assert connection.recv(CHUNK) == b"", "the server answered a request it never received whole"
+    return "/upload"
+
+
+def chunked_over_limit(connection: socket.socket) -> tuple[str, bytes]:
+    """Streams a form twice MAX_UPLOAD_BYTES in chunks, stopping once the server answers."""
+    body = form(os.urandom(2 * MAX_UPLOAD_BYTES))
+    connection.sendall(request_head("/upload", {**FORM_HEADERS, "Transfer-Encoding": "chunked"}))
+    for start in range(0, len(body), CHUNK):
+        if select.select([connection], [], [], 0)[0]:
+            break
+        piece = body[start : start + CHUNK]
+        connection.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+    else:
+        connection.sendall(b"0\r\n\r\n")
+    return read_answer(connection)
+
+
+def continue_over_limit(connection: socket.socket) -> tuple[str, bytes]:
+    """Announces a body twice MAX_UPLOAD_BYTES with `Expect: 100-continue` and sends only the head."""
+    headers = {**FORM_HEADERS, "Content-Length": str(2 * MAX_UPLOAD_BYTES), "Expect": "100-continue"}
+    connection.sendall(request_head("/upload", headers))
+    return read_answer(connection)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """The server's TMPDIR, where spooled uploads would be."""
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(params=["local", "s3"])
+def server(
+    request: pytest.FixtureRequest,
+    start_server: StartServer,
+    spool: Path,
+    data_dir: Path,
+    s3_env: dict[str, str | None],
+) -> Server:
+    """The real server on each store, with a small MAX_UPLOAD_BYTES and its TMPDIR in `spool`."""
+    store = s3_env if request.param == "s3" else {"LOCAL_STORAGE_DIR": str(data_dir)}
+    return start_server({**store, "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "TMPDIR": str(spool)})
+
+
+def connect(server: Server) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", urlsplit(server.base_url).port or 80), SOCKET_TIMEOUT)
+    connection.settimeout(SOCKET_TIMEOUT)
+    return connection
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    return [path for path in data_dir.rglob("*") if path.is_file() and path.name != ".signing-key"]
+
+
+def spool_is_released(server: Server, spool: Path) -> bool:
+    return not temp_files_held(server.process, spool) and not any(spool.iterdir())
+
+
+def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> None:
+    """No object, no file in the store, no temporary file on disk or held open, no traceback in the log."""
+    wait_until(lambda: spool_is_released(server, spool))
+    assert temp_files_held(server.process, spool) == []
+    assert list(spool.iterdir()) == []
+    assert keys_in(s3, bucket, "") == []
+    assert stored_files(data_dir) == []
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("fault", [overstated_length, short_json, half_closed])
+def test_client_leaving_early_leaves_nothing(
+    server: Server,
+    http: httpx.Client,
+    spool: Path,
+    data_dir: Path,
+    s3: Any,
+    bucket: str,
+    fault: Callable[[socket.socket], str],
+) -> None:
+    with connect(server) as connection:
+        path = fault(connection)
+    logged = f"client disconnected before sending the whole body of POST {path}"
+    wait_until(lambda: logged in server.log())
+
+    assert logged in server.log()
+    assert_nothing_left(server, spool, data_dir, s3, bucket)
+    assert upload(http, server, b"the next one")["url"]
+
+
+@pytest.mark.parametrize("fault", [chunked_over_limit, continue_over_limit])
+def test_body_over_the_limit_is_413(
+    server: Server,
+    http: httpx.Client,
+    spool: Path,
+    data_dir: Path,
+    s3: Any,
+    bucket: str,
+    fault: Callable[[socket.socket], tuple[str, bytes]],
+) -> None:
+    with connect(server) as connection:
+        status_line, body = fault(connection)
+
+    # The first thing the server sends: with `Expect: 100-continue`, no `100 Continue` came before it.
+    assert status_line == "HTTP/1.1 413 Request Entity Too Large"
+    assert json.loads(body) == {"detail": f"file is larger than {MAX_UPLOAD_BYTES} bytes"}
+    assert_nothing_left(server, spool, data_dir, s3, bucket)
+    assert upload(http, server, b"the next one")["url"]
