@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from uuid import uuid4
 
 import uvicorn
+from anyio import CapacityLimiter, to_thread
 from dotenv import load_dotenv
 from environs import Env, EnvError
 from marshmallow.validate import URL, Length, OneOf, Range
@@ -46,6 +47,7 @@ GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
+HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
 
@@ -250,6 +252,18 @@ def store(
     }
 
 
+def store_png(storage: Storage, png: bytes) -> dict[str, Any]:
+    return store(
+        storage,
+        f"generated/{uuid4().hex}.png",
+        io.BytesIO(png),
+        content_type="image/png",
+        disposition="inline",
+        sha256=hashlib.sha256(png).hexdigest(),
+        size=len(png),
+    )
+
+
 class Readiness:
     """The storage check behind /ready, cached so that load balancer probes never hammer S3."""
 
@@ -273,7 +287,7 @@ class Readiness:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+    return HEALTHY
 
 
 async def ready(request: Request) -> JSONResponse:
@@ -286,18 +300,8 @@ async def ready(request: Request) -> JSONResponse:
 async def generate(request: Request) -> JSONResponse:
     require_token(request)
     prompt = await read_prompt(request)
-    png = await run_in_threadpool(render_png, prompt)
-    stored = await run_in_threadpool(
-        store,
-        request.app.state.storage,
-        f"generated/{uuid4().hex}.png",
-        io.BytesIO(png),
-        content_type="image/png",
-        disposition="inline",
-        sha256=hashlib.sha256(png).hexdigest(),
-        size=len(png),
-    )
-    return JSONResponse(stored)
+    png = await to_thread.run_sync(render_png, prompt, limiter=request.app.state.render_slots)
+    return JSONResponse(await run_in_threadpool(store_png, request.app.state.storage, png))
 
 
 async def upload(request: Request) -> JSONResponse:
@@ -413,6 +417,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.settings = settings
     app.state.storage = storage
     app.state.readiness = Readiness(storage)
+    # Rendering holds the GIL: more renders at once than cores only adds switching, not throughput.
+    app.state.render_slots = CapacityLimiter(os.cpu_count() or 1)
     log.info("storage: %s", storage.describe())
     return app
 

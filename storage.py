@@ -40,13 +40,13 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 log = logging.getLogger(__name__)
 
-# Multipart uploads (8 MiB parts) share 3 request threads and at most 3 parts in memory across the
+# Multipart uploads (8 MiB parts) share 2 request threads and at most 2 parts in memory across the
 # whole process; boto3's defaults allow 10 threads and 10 parts, ~100 MiB, for every single upload.
 TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=8 * 1024 * 1024,
     multipart_chunksize=8 * 1024 * 1024,
-    max_request_concurrency=3,
-    max_in_memory_upload_chunks=3,
+    max_request_concurrency=2,
+    max_in_memory_upload_chunks=2,
 )
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
