@@ -222,6 +222,22 @@ async def read_prompt(request: Request) -> str:
     return prompt
 
 
+class HashingSpool:
+    """A spool file that hashes what is written to it. Starlette writes a spool that has gone to
+    disk (past 1 MiB) from a worker thread, so a large file is hashed off the event loop."""
+
+    def __init__(self, spool: BinaryIO, sha256: Any) -> None:
+        self.spool = spool
+        self.sha256 = sha256
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.spool.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spool, name)
+
+
 class HashingMultiPartParser(MultiPartParser):
     """Starlette's multipart parser, also hashing the file part as it arrives: the sha256 is then
     known before storing starts (S3 takes it as metadata up front) without reading the file again."""
@@ -230,10 +246,10 @@ class HashingMultiPartParser(MultiPartParser):
         super().__init__(*args, **kwargs)
         self.sha256 = hashlib.sha256()
 
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
         if self._current_part.file is not None:  # only one file part is allowed
-            self.sha256.update(data[start:end])
-        super().on_part_data(data, start, end)
+            self._current_part.file.file = HashingSpool(self._current_part.file.file, self.sha256)  # type: ignore[assignment]
 
 
 def store(

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,6 +174,26 @@ async def test_generate_answer_describes_the_stored_png(client: httpx.AsyncClien
     assert (answer["size"], answer["sha256"]) == (len(png), hashlib.sha256(png).hexdigest())
     assert answer["content_type"] == "image/png"
     assert re.fullmatch(r"generated/[0-9a-f]{32}\.png", answer["key"])
+
+
+async def test_large_uploads_are_hashed_off_the_event_loop(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed_on: dict[bool, int] = {True: 0, False: 0}
+    write = gen_service.HashingSpool.write
+
+    def spy(self: gen_service.HashingSpool, data: bytes) -> int:
+        hashed_on[threading.current_thread() is threading.main_thread()] += len(data)
+        return write(self, data)
+
+    monkeypatch.setattr(gen_service.HashingSpool, "write", spy)
+    content = os.urandom(3 * 1024 * 1024)
+    answer = (await client.post("/upload", files={"file": ("a.bin", content)})).json()
+
+    assert answer["sha256"] == hashlib.sha256(content).hexdigest()
+    # Only what arrives before the spool moves to disk (1 MiB, plus one network read) is hashed on the loop.
+    assert hashed_on[True] <= 1024 * 1024 + 64 * 1024
+    assert hashed_on[False] == len(content) - hashed_on[True]
 
 
 @pytest.mark.parametrize("size", [1000, 9 * 1024 * 1024], ids=["single-put", "multipart"])
