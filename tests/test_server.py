@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from conftest import (
     s3_key,
     service_env,
     stop,
-    temp_files_held,
     upload,
     write_dotenv,
 )
@@ -255,44 +253,7 @@ def test_environment_wins_over_dotenv(
     assert query_value(url, "X-Amz-Expires") == "300"
 
 
-# ---------------------------------------------------------------- client faults and the container
-
-
-@pytest.mark.parametrize("store", ["local", "s3"])
-def test_client_leaving_mid_upload_leaves_nothing(
-    start_server: StartServer,
-    http: httpx.Client,
-    tmp_path: Path,
-    data_dir: Path,
-    s3: Any,
-    bucket: str,
-    s3_env: dict[str, str | None],
-    store: str,
-) -> None:
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    settings = s3_env if store == "s3" else {"LOCAL_STORAGE_DIR": str(data_dir)}
-    server = start_server({**settings, "TMPDIR": str(spool)})
-    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
-    # More than the 1 MiB that Starlette keeps in memory, so the part is spooled to TMPDIR.
-    sent = head + os.urandom(3 * 1024 * 1024)
-    with socket.create_connection(("127.0.0.1", int(server.base_url.rsplit(":", 1)[1]))) as connection:
-        connection.sendall(
-            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            + f"Content-Length: {len(sent) + 1024 * 1024}\r\n\r\n".encode()
-            + sent
-        )
-    deadline = time.monotonic() + 10
-    while "client disconnected" not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-    assert "client disconnected before sending the whole body of POST /upload" in server.log()
-    assert temp_files_held(server.process, spool) == []
-    assert list(spool.iterdir()) == []
-    assert keys_in(s3, bucket, "") == []
-    assert not (data_dir / "uploads").exists() or list((data_dir / "uploads").iterdir()) == []
-    assert upload(http, server, b"next one")["url"]
-    assert "Traceback" not in server.log()
+# ---------------------------------------------------------------- the container
 
 
 def test_dockerfile_healthcheck_passes_against_the_service(start_server: StartServer, data_dir: Path) -> None:
