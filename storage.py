@@ -40,11 +40,12 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 log = logging.getLogger(__name__)
 
-# Multipart uploads (8 MiB parts) share 2 request threads and at most 2 parts in memory across the
-# whole process; boto3's defaults allow 10 threads and 10 parts, ~100 MiB, for every single upload.
+# Files over 8 MiB go up in 5 MiB parts (S3's smallest) through 2 request threads, with at most 2
+# parts in memory across the whole process; boto3's defaults allow 10 threads and 10 parts of
+# 8 MiB, ~100 MiB, for every single upload, which a small Fargate task does not have.
 TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=8 * 1024 * 1024,
-    multipart_chunksize=8 * 1024 * 1024,
+    multipart_chunksize=5 * 1024 * 1024,
     max_request_concurrency=2,
     max_in_memory_upload_chunks=2,
 )
