@@ -197,7 +197,8 @@ def media_type(request: Request) -> str:
 
 async def read_prompt(request: Request) -> str:
     # A missing Content-Type is read as JSON, as the service we replace did.
-    if media_type(request) not in ("", "application/json") and not media_type(request).endswith("+json"):
+    given = media_type(request)
+    if given not in ("", "application/json") and not given.endswith("+json"):
         raise HTTPException(415, "expected Content-Type: application/json")
     try:
         body = json.loads(await request.body())
