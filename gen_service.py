@@ -5,7 +5,7 @@ Reads top to bottom: settings, request checks, handlers, the app, the entry poin
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import hmac
 import io
 import json
@@ -15,9 +15,12 @@ import os
 import re
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from uuid import uuid4
 
 import uvicorn
@@ -37,8 +40,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logs import RequestContext, logging_config
+from pipe import Pipe, PipeBroken
 from render import render_png
-from storage import LocalStorage, S3Storage, Storage, StorageError, clean_filename, content_disposition, make_s3_client
+from storage import (
+    LocalStorage,
+    S3Storage,
+    Storage,
+    StorageError,
+    Stored,
+    clean_filename,
+    content_disposition,
+    make_s3_client,
+)
 
 log = logging.getLogger("gen_service")
 
@@ -47,6 +60,8 @@ GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
+PIPE_BYTES = 1024 * 1024  # how far receiving may run ahead of storing
+MAX_CONCURRENT_UPLOADS = 64  # beyond these, an upload waits (its client held back by TCP) for a slot
 HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
@@ -223,62 +238,102 @@ async def read_prompt(request: Request) -> str:
     return prompt
 
 
-class HashingSpool:
-    """A spool file that hashes what is written to it. Starlette writes a spool that has gone to
-    disk (past 1 MiB) from a worker thread, so a large file is hashed off the event loop."""
+class PipedFile(UploadFile):
+    """The upload's file part as Starlette's parser sees it: its bytes go into a Pipe, not a spool."""
 
-    def __init__(self, spool: BinaryIO, sha256: Any) -> None:
-        self.spool = spool
-        self.sha256 = sha256
+    def __init__(self, pipe: Pipe, max_bytes: int, *, filename: str | None, headers: Headers) -> None:
+        super().__init__(pipe, size=0, filename=filename, headers=headers)  # type: ignore[arg-type]
+        self.pipe = pipe
+        self.max_bytes = max_bytes
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.spool.write(data)
+    async def write(self, data: bytes) -> None:
+        self.size = (self.size or 0) + len(data)
+        if self.size > self.max_bytes:
+            raise HTTPException(413, file_too_large(self.max_bytes))
+        await self.pipe.write(data)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.spool, name)
+    async def seek(self, offset: int) -> None:
+        """Starlette rewinds a spool when its part ends; a pipe has nothing to rewind."""
+
+    async def close(self) -> None:
+        """Ended by StoringMultiPartParser, which knows whether the form was whole."""
 
 
-class HashingMultiPartParser(MultiPartParser):
-    """Starlette's multipart parser, also hashing the file part as it arrives: the sha256 is then
-    known before storing starts (S3 takes it as metadata up front) without reading the file again."""
+class StoringMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, storing the file part while it arrives: from the part's headers on,
+    `storage.put` runs in a worker thread and reads the part through a Pipe. Storing overlaps receiving,
+    nothing is spooled to disk, and the file is hashed in the thread as it goes to the store."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sha256 = hashlib.sha256()
+    def __init__(self, request: Request, key: str) -> None:
+        super().__init__(request.headers, request.stream(), max_files=1, max_fields=16, max_part_size=64 * 1024)
+        self.state = request.app.state
+        self.key = key
+        self.pipe: Pipe | None = None
+        self.storing: asyncio.Task[Stored] | None = None
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
-        if self._current_part.file is not None:  # only one file part is allowed
-            self._current_part.file.file = HashingSpool(self._current_part.file.file, self.sha256)  # type: ignore[assignment]
+        part = self._current_part
+        if part.file is None:  # a text field; max_files=1 stops a second file part
+            return
+        content_type = part.file.content_type or "application/octet-stream"
+        if not CONTENT_TYPE.fullmatch(content_type):
+            raise HTTPException(422, "file has an invalid Content-Type")
+        self.pipe = Pipe(PIPE_BYTES)
+        part.file = PipedFile(
+            self.pipe, self.state.settings.max_upload_bytes, filename=part.file.filename, headers=part.file.headers
+        )
+        disposition = content_disposition(clean_filename(part.file.filename))
+        put = partial(self.put, self.pipe, content_type=content_type, content_disposition=disposition)
+        self.storing = asyncio.get_running_loop().create_task(to_thread.run_sync(put, limiter=self.state.upload_slots))
+
+    def put(self, pipe: Pipe, **headers: str) -> Stored:
+        try:
+            return self.state.storage.put(self.key, pipe, **headers)
+        except BaseException:
+            pipe.abort()  # so that the parser stops feeding a store that has given up
+            raise
+
+    async def stored(self) -> Stored:
+        """Ends the file once the whole form is in; the store then finishes and commits it."""
+        assert self.pipe is not None and self.storing is not None
+        self.pipe.close()
+        return await self.storing
+
+    @asynccontextmanager
+    async def undone_on_error(self) -> AsyncIterator[None]:
+        """On any failure, the store abandons the file (S3 aborts the multipart upload) before we answer."""
+        try:
+            yield
+        except BaseException as error:
+            if self.pipe is None or self.storing is None:
+                raise
+            self.pipe.abort()
+            await asyncio.wait([self.storing])
+            # Taken even when unused, or asyncio would log it as an exception nobody retrieved.
+            failure = None if self.storing.cancelled() else self.storing.exception()
+            if isinstance(error, PipeBroken) and failure is not None:  # the store gave up first: it says why
+                raise failure from None
+            raise
 
 
-def store(
-    storage: Storage, key: str, fileobj: BinaryIO, *, content_type: str, disposition: str, sha256: str, size: int
-) -> dict[str, Any]:
-    """Put the file and link to it; the answer's fields. Blocking: runs in a worker thread."""
-    storage.put(key, fileobj, content_type=content_type, content_disposition=disposition, sha256=sha256)
+def answer(storage: Storage, key: str, stored: Stored, content_type: str) -> dict[str, Any]:
+    """The fields that describe a stored file. Blocking (a presign may refresh credentials)."""
     link = storage.link(key)
     return {
         "url": link.url,
         "key": key,
-        "size": size,
-        "sha256": sha256,
+        "size": stored.size,
+        "sha256": stored.sha256,
         "content_type": content_type,
         "expires_at": link.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
 def store_png(storage: Storage, png: bytes) -> dict[str, Any]:
-    return store(
-        storage,
-        f"generated/{uuid4().hex}.png",
-        io.BytesIO(png),
-        content_type="image/png",
-        disposition="inline",
-        sha256=hashlib.sha256(png).hexdigest(),
-        size=len(png),
-    )
+    key = f"generated/{uuid4().hex}.png"
+    stored = storage.put(key, io.BytesIO(png), content_type="image/png", content_disposition="inline")
+    return answer(storage, key, stored, "image/png")
 
 
 class Readiness:
@@ -325,39 +380,22 @@ async def upload(request: Request) -> JSONResponse:
     require_token(request)
     if media_type(request) != "multipart/form-data":
         raise HTTPException(415, "expected Content-Type: multipart/form-data")
-    parser = HashingMultiPartParser(
-        request.headers, request.stream(), max_files=1, max_fields=16, max_part_size=64 * 1024
-    )
-    try:
-        form = await parser.parse()
-    except MultiPartException as error:
-        raise HTTPException(400, error.message) from None
-    try:
+    key = f"uploads/{uuid4().hex}"
+    parser = StoringMultiPartParser(request, key)
+    async with parser.undone_on_error():
+        try:
+            form = await parser.parse()
+        except MultiPartException as error:
+            raise HTTPException(400, error.message) from None
         file = form.get("file")
         if file is None:
             raise HTTPException(422, "file is required")
         if not isinstance(file, UploadFile):
             raise HTTPException(422, "file must be a file part, not a text field")
-        max_bytes = request.app.state.settings.max_upload_bytes
-        if file.size is not None and file.size > max_bytes:
-            raise HTTPException(413, file_too_large(max_bytes))
-        content_type = file.content_type or "application/octet-stream"
-        if not CONTENT_TYPE.fullmatch(content_type):
-            raise HTTPException(422, "file has an invalid Content-Type")
-        filename = clean_filename(file.filename)
-        stored = await run_in_threadpool(
-            store,
-            request.app.state.storage,
-            f"uploads/{uuid4().hex}",
-            file.file,
-            content_type=content_type,
-            disposition=content_disposition(filename),
-            sha256=parser.sha256.hexdigest(),
-            size=file.size or 0,
-        )
-    finally:
-        await form.close()
-    return JSONResponse({"filename": filename, **stored})
+        stored = await parser.stored()
+    content_type = file.content_type or "application/octet-stream"
+    stored_fields = await run_in_threadpool(answer, request.app.state.storage, key, stored, content_type)
+    return JSONResponse({"filename": clean_filename(file.filename), **stored_fields})
 
 
 async def openapi(request: Request) -> Response:
@@ -436,6 +474,9 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.readiness = Readiness(storage)
     # Rendering holds the GIL: more renders at once than cores only adds switching, not throughput.
     app.state.render_slots = CapacityLimiter(os.cpu_count() or 1)
+    # Each upload holds a thread while its part streams in; a pool of their own keeps slow clients
+    # from taking the threads that renders and storage checks need.
+    app.state.upload_slots = CapacityLimiter(MAX_CONCURRENT_UPLOADS)
     log.info("storage: %s", storage.describe())
     return app
 

@@ -1,7 +1,8 @@
 """Where stored files live: S3, or a directory on local disk with signed links served by us.
 
-Both stores have the same two verbs: `put` a file under a key, and make a time-limited `url`
-for it. They raise `StorageError` for failures the caller should see, and nothing else.
+Both stores have the same two verbs: `put` a file under a key, reading it once from start to end
+(it may be a pipe still being filled), and make a time-limited `link` to it. They raise
+`StorageError` for failures the caller should see, and nothing else.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -36,19 +38,17 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
-from s3transfer.manager import TransferConfig, TransferManager
 
 log = logging.getLogger(__name__)
 
-# Files over 8 MiB go up in 5 MiB parts (S3's smallest) through 2 request threads, with at most 2
-# parts in memory across the whole process; boto3's defaults allow 10 threads and 10 parts of
-# 8 MiB, ~100 MiB, for every single upload, which a small Fargate task does not have.
+# A file under 5 MiB goes up in one PUT. A larger one goes up in 5 MiB parts (S3's smallest), one
+# at a time while the next arrives, so that an upload holds ~15 MiB of memory; boto3's defaults
+# (10 threads, 10 parts of 8 MiB read ahead) hold ~100 MiB for every upload.
+MULTIPART_THRESHOLD = 5 * 1024 * 1024
 TRANSFER_CONFIG = TransferConfig(
-    multipart_threshold=8 * 1024 * 1024,
-    multipart_chunksize=5 * 1024 * 1024,
-    max_request_concurrency=2,
-    max_in_memory_upload_chunks=2,
+    multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=1
 )
+TRANSFER_CONFIG.max_in_memory_upload_chunks = 1  # s3transfer's setting, not a parameter of boto3's
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
@@ -73,8 +73,13 @@ class Link(NamedTuple):
     expires_at: datetime
 
 
+class Stored(NamedTuple):
+    size: int
+    sha256: str
+
+
 class Storage(Protocol):
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None: ...
+    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored: ...
 
     def link(self, key: str) -> Link: ...
 
@@ -82,6 +87,46 @@ class Storage(Protocol):
         """Raises StorageError unless the store can take files now."""
 
     def describe(self) -> str: ...
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes (all that is left if -1); fewer only at the end."""
+
+
+class HashingReader:
+    """Counts and hashes what is read through it, so a file is hashed in the pass that stores it."""
+
+    def __init__(self, fileobj: Readable) -> None:
+        self.fileobj = fileobj
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        self.size += len(data)
+        self.sha256.update(data)
+        return data
+
+    def stored(self) -> Stored:
+        return Stored(self.size, self.sha256.hexdigest())
+
+
+class Prefixed:
+    """`head`, then the rest of `fileobj`: gives back what was read to look ahead."""
+
+    def __init__(self, head: bytes, fileobj: Readable) -> None:
+        self.head = head
+        self.fileobj = fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.fileobj.read(size)
+        if size < 0 or size > len(self.head):
+            data, self.head = self.head, b""
+            return data + self.fileobj.read(-1 if size < 0 else size - len(data))
+        data, self.head = self.head[:size], self.head[size:]
+        return data
 
 
 def clean_filename(name: str | None) -> str | None:
@@ -142,25 +187,26 @@ class S3Storage:
     bucket: str
     presign_ttl_seconds: int
     warned_about_short_links: bool = False
-    transfers: TransferManager = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.transfers = TransferManager(self.client, TRANSFER_CONFIG)
-
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None:
+    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored:
         # With checksums on (the default), botocore adds a CRC32 that S3 checks as the bytes arrive.
-        extra_args = {
-            "ContentType": content_type,
-            "ContentDisposition": content_disposition,
-            "Metadata": {"sha256": sha256},
-        }
-        size = fileobj.seek(0, os.SEEK_END)
-        fileobj.seek(0)
+        reader = HashingReader(fileobj)
+        headers = {"ContentType": content_type, "ContentDisposition": content_disposition}
         with s3_errors(f"put {key}"):
-            if size < TRANSFER_CONFIG.multipart_threshold:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=fileobj, **extra_args)
-            else:
-                self.transfers.upload(fileobj, self.bucket, key, extra_args).result()
+            head = reader.read(MULTIPART_THRESHOLD)
+            if len(head) < MULTIPART_THRESHOLD:
+                stored = reader.stored()
+                metadata = {"sha256": stored.sha256}
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=head, Metadata=metadata, **headers)
+                return stored
+            # Parts go up while the rest is still arriving. S3 takes metadata only before the first
+            # byte, when the hash is not known yet; a tag can be set after the last one.
+            body, head = Prefixed(head, reader), b""  # so that the first part is freed once it is sent
+            self.client.upload_fileobj(body, self.bucket, key, ExtraArgs=headers, Config=TRANSFER_CONFIG)
+            stored = reader.stored()
+            tags = {"TagSet": [{"Key": "sha256", "Value": stored.sha256}]}
+            self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging=tags)
+        return stored
 
     def link(self, key: str) -> Link:
         now = datetime.now(UTC)
@@ -228,13 +274,20 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(self.root / ".signing-key")
 
-    def put(self, key: str, fileobj: BinaryIO, *, content_type: str, content_disposition: str, sha256: str) -> None:
-        metadata = {"content_type": content_type, "content_disposition": content_disposition, "sha256": sha256}
+    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored:
+        reader = HashingReader(fileobj)
         data, metadata_path = self.path(key), self.path(key, METADATA_SUFFIX)
         try:
             data.parent.mkdir(exist_ok=True)
-            write_atomically(data, lambda out: shutil.copyfileobj(fileobj, out, 1024 * 1024))
+            write_atomically(data, lambda out: shutil.copyfileobj(reader, out, 1024 * 1024))
+            stored = reader.stored()
+            metadata = {
+                "content_type": content_type,
+                "content_disposition": content_disposition,
+                "sha256": stored.sha256,
+            }
             write_atomically(metadata_path, lambda out: out.write(json.dumps(metadata).encode()))
+            return stored
         except OSError as error:
             with suppress(OSError):
                 data.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ REFUSED_BOUND_SECONDS = ATTEMPTS * CONNECT_TIMEOUT + BACKOFF_SECONDS + SLACK_SEC
 STALLED_BOUND_SECONDS = (
     ATTEMPTS * (CONNECT_TIMEOUT + CONTINUE_WAIT_SECONDS + READ_TIMEOUT) + BACKOFF_SECONDS + SLACK_SECONDS
 )  # 10 s
-# boto3 switches to a multipart upload at 8 MiB.
+# The S3 store switches to a multipart upload at 5 MiB.
 MULTIPART_FILE_BYTES = 9 * MiB
 CALLS: dict[str, dict[str, Any]] = {
     "/generate": {"json": {"prompt": "a fox in the snow"}},
@@ -270,8 +270,9 @@ async def test_s3_refusal_is_502_naming_only_the_code(
 # ---------------------------------------------------------------- client faults, against the real server
 
 # Over the 1 MiB that Starlette keeps in memory, so the file part is spooled to TMPDIR.
-SPOOLED_BYTES = 2 * MiB
-MAX_UPLOAD_BYTES = 3 * MiB
+# Past the multipart threshold: when such a client leaves, S3 has an upload in progress.
+LEFT_BYTES = 7 * MiB
+MAX_UPLOAD_BYTES = 12 * MiB
 BOUNDARY = "fault-boundary"
 FORM_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 SOCKET_TIMEOUT = 10
@@ -305,7 +306,7 @@ def read_answer(connection: socket.socket) -> tuple[str, bytes]:
 
 def overstated_length(connection: socket.socket) -> str:
     """Sends a whole form under a Content-Length 1 KiB larger, then leaves."""
-    body = form(os.urandom(SPOOLED_BYTES))
+    body = form(os.urandom(LEFT_BYTES))
     connection.sendall(request_head("/upload", {**FORM_HEADERS, "Content-Length": str(len(body) + 1024)}) + body)
     return "/upload"
 
@@ -319,7 +320,7 @@ def short_json(connection: socket.socket) -> str:
 
 def half_closed(connection: socket.socket) -> str:
     """Sends a form without its last KiB, then shuts its sending side and waits for an answer that cannot come."""
-    body = form(os.urandom(SPOOLED_BYTES))
+    body = form(os.urandom(LEFT_BYTES))
     connection.sendall(request_head("/upload", {**FORM_HEADERS, "Content-Length": str(len(body))}) + body[:-1024])
     connection.shutdown(socket.SHUT_WR)
     assert connection.recv(CHUNK) == b"", "the server answered a request it never received whole"
@@ -349,7 +350,7 @@ def continue_over_limit(connection: socket.socket) -> tuple[str, bytes]:
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Path:
-    """The server's TMPDIR, where spooled uploads would be."""
+    """The server's TMPDIR, where Starlette would spool uploads (the service streams them instead)."""
     path = tmp_path / "spool"
     path.mkdir()
     return path
@@ -389,11 +390,13 @@ def spool_is_released(server: Server, spool: Path) -> bool:
 
 
 def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> None:
-    """No object, no file in the store, no temporary file on disk or held open, no traceback in the log."""
-    wait_until(lambda: spool_is_released(server, spool))
+    """No object or unfinished multipart upload, no file in the store, no temporary file on disk or held
+    open, no traceback in the log."""
+    wait_until(lambda: spool_is_released(server, spool) and not multipart_uploads(s3, bucket))
     assert temp_files_held(server.process, spool) == []
     assert list(spool.iterdir()) == []
     assert keys_in(s3, bucket, "") == []
+    assert multipart_uploads(s3, bucket) == []
     assert stored_files(data_dir) == []
     assert "Traceback" not in server.log()
 
@@ -436,3 +439,34 @@ def test_body_over_the_limit_is_413(
     assert json.loads(body) == {"detail": f"file is larger than {MAX_UPLOAD_BYTES} bytes"}
     assert_nothing_left(server, spool, data_dir, s3, bucket)
     assert upload(http, server, b"the next one")["url"]
+
+
+def stored_so_far(s3: Any, bucket: str, data_dir: Path) -> int:
+    """Bytes of a file not yet complete that have reached the store: S3's parts, or the local partial file."""
+    parts = [
+        part["Size"]
+        for upload in multipart_uploads(s3, bucket)
+        for part in s3.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]).get("Parts", [])
+    ]
+    partial_files = [path.stat().st_size for path in (data_dir / "uploads").glob(".partial-*")]
+    return sum(parts) + sum(partial_files)
+
+
+def test_upload_is_stored_while_it_arrives_and_never_spooled(
+    server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str
+) -> None:
+    data = os.urandom(10 * MiB)
+    body = form(data)
+    with connect(server) as connection:
+        connection.sendall(request_head("/upload", {**FORM_HEADERS, "Content-Length": str(len(body))}))
+        connection.sendall(body[: 8 * MiB])
+        # A first 5 MiB is in the store while the client has yet to send the last 2 MiB.
+        wait_until(lambda: stored_so_far(s3, bucket, data_dir) >= 5 * MiB)
+        assert stored_so_far(s3, bucket, data_dir) >= 5 * MiB
+        assert temp_files_held(server.process, spool) == [] and list(spool.iterdir()) == []
+        connection.sendall(body[8 * MiB :])
+        status_line, answer = read_answer(connection)
+
+    assert status_line == "HTTP/1.1 200 OK"
+    assert json.loads(answer)["sha256"] == hashlib.sha256(data).hexdigest()
+    assert list(spool.iterdir()) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
 import stat
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from storage import LocalStorage, S3Storage, StorageError
 BASE_URL = "http://testserver"
 ENDPOINT_URL = "http://127.0.0.1:9"
 SECRET_ACCESS_KEY = "testing"  # conftest's aws_environment
-SHA256 = "0" * 64
+MiB = 1024 * 1024
 METADATA = '{"content_type": "text/plain", "content_disposition": "attachment"}'
 DISPOSITION = re.compile(r"attachment; filename=\"([^\"]*)\"; filename\*=UTF-8''(\S*)")
 Link = tuple[str, str, str]
@@ -49,7 +51,7 @@ def link_parts(url: str) -> Link:
 
 
 def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
-    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment", sha256=SHA256)
+    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
 
 
 # ---------------------------------------------------------------- clean_filename
@@ -193,9 +195,13 @@ def test_local_link_opens_the_bytes_that_were_put(local: LocalStorage, data: byt
 def test_local_link_opens_the_metadata_that_was_put(local: LocalStorage) -> None:
     key = new_key()
     disposition = storage.content_disposition("résumé.pdf")
-    local.put(key, io.BytesIO(b"%PDF"), content_type="application/pdf", content_disposition=disposition, sha256=SHA256)
+    local.put(key, io.BytesIO(b"%PDF"), content_type="application/pdf", content_disposition=disposition)
     _, metadata = local.open(*link_parts(local.link(key).url))
-    assert metadata == {"content_type": "application/pdf", "content_disposition": disposition, "sha256": SHA256}
+    assert metadata == {
+        "content_type": "application/pdf",
+        "content_disposition": disposition,
+        "sha256": hashlib.sha256(b"%PDF").hexdigest(),
+    }
 
 
 TAMPERINGS: dict[str, Callable[[Link], Link]] = {
@@ -371,7 +377,7 @@ class FailingReader:
 
 def put_failing(local: LocalStorage, key: str) -> None:
     local.put(
-        key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment", sha256=SHA256
+        key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment"
     )
 
 
@@ -464,7 +470,7 @@ def put_object(s3_store: S3Storage) -> PutObject:
 
     def put(data: bytes, content_type: str, disposition: str) -> dict[str, Any]:
         key = new_key()
-        s3_store.put(key, io.BytesIO(data), content_type=content_type, content_disposition=disposition, sha256=SHA256)
+        s3_store.put(key, io.BytesIO(data), content_type=content_type, content_disposition=disposition)
         return s3_store.client.get_object(Bucket="assets", Key=key)
 
     return put
@@ -489,12 +495,80 @@ def test_s3_put_stores_the_content_disposition(put_object: PutObject, dispositio
     assert put_object(b"x", "text/plain", disposition)["ContentDisposition"] == disposition
 
 
+THRESHOLD = storage.MULTIPART_THRESHOLD
+SIZES = pytest.mark.parametrize("size", [0, 1000, THRESHOLD - 1, THRESHOLD, 3 * THRESHOLD + 1])
+
+
+class Unseekable:
+    """A body that can only be read forward, as an upload arriving through a Pipe."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.data.read(size)
+
+
+@SIZES
+def test_s3_put_answers_the_size_and_sha256_of_what_landed(s3_store: S3Storage, size: int) -> None:
+    data, key = os.urandom(size), new_key()
+    stored = s3_store.put(key, Unseekable(data), content_type="text/plain", content_disposition="attachment")
+    landed = s3_store.client.get_object(Bucket="assets", Key=key)["Body"].read()
+    assert landed == data
+    assert stored == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@SIZES
+def test_s3_object_carries_its_sha256(s3_store: S3Storage, size: int) -> None:
+    """As metadata when it goes up in one PUT; as a tag when it goes up in parts while still arriving."""
+    data, key = os.urandom(size), new_key()
+    s3_store.put(key, Unseekable(data), content_type="text/plain", content_disposition="attachment")
+    metadata = s3_store.client.head_object(Bucket="assets", Key=key)["Metadata"]
+    tags = s3_store.client.get_object_tagging(Bucket="assets", Key=key)["TagSet"]
+    expected = {"sha256": hashlib.sha256(data).hexdigest()}
+    if size < storage.MULTIPART_THRESHOLD:
+        assert (metadata, tags) == (expected, [])
+    else:
+        assert (metadata, tags) == ({}, [{"Key": "sha256", "Value": expected["sha256"]}])
+
+
+class BrokenAfter(Unseekable):
+    """A body whose client goes away after `size` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(os.urandom(size))
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        if len(data) < size or size < 0:
+            raise OSError("client went away")
+        return data
+
+
+@pytest.mark.parametrize("size", [1000, THRESHOLD, 4 * THRESHOLD])
+def test_s3_put_of_a_body_that_breaks_leaves_nothing(s3_store: S3Storage, size: int) -> None:
+    with pytest.raises(OSError, match="client went away"):
+        s3_store.put(new_key(), BrokenAfter(size), content_type="text/plain", content_disposition="attachment")
+    assert "Contents" not in s3_store.client.list_objects_v2(Bucket="assets")
+    assert "Uploads" not in s3_store.client.list_multipart_uploads(Bucket="assets")
+
+
+def test_s3_put_that_cannot_tag_is_a_storage_error(s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: Any) -> None:
+        raise client_error("AccessDenied", 403)
+
+    monkeypatch.setattr(s3_store.client, "put_object_tagging", refuse)
+    with pytest.raises(StorageError) as refused:
+        s3_store.put(new_key(), Unseekable(os.urandom(9 * MiB)), content_type="text/plain", content_disposition="a")
+    assert (refused.value.status_code, refused.value.detail) == (502, "storage refused the request (AccessDenied)")
+
+
 @uses_moto
 def test_s3_put_to_a_missing_bucket_is_a_502() -> None:
     client = storage.make_s3_client(region="us-east-1", endpoint_url=None, connect_timeout=1, read_timeout=1)
     with pytest.raises(StorageError) as refused:
         S3Storage(client, "no-such-bucket", 60).put(
-            new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment", sha256=SHA256
+            new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment"
         )
     assert refused.value.status_code == 502
 
