@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import math
 import threading
 from collections import deque
 
@@ -53,8 +55,10 @@ class Pipe:
 
     def read(self, size: int = -1) -> bytes:
         """`size` bytes (all of them if -1), fewer only at the end: what storage code expects of a file."""
-        wanted = size if size >= 0 else float("inf")
-        taken: list[bytes] = []
+        wanted = size if size >= 0 else math.inf
+        # A BytesIO grows in place and hands over its buffer without a copy, so a 5 MiB read
+        # holds 5 MiB, not the chunks plus their join.
+        taken = io.BytesIO()
         with self.changed:
             while wanted > 0:
                 self.changed.wait_for(lambda: self.chunks or self.closed or self.broken)
@@ -66,12 +70,12 @@ class Pipe:
                 if len(chunk) > wanted:
                     self.chunks.appendleft(chunk[int(wanted) :])
                     chunk = chunk[: int(wanted)]
-                taken.append(chunk)
+                taken.write(chunk)
                 wanted -= len(chunk)
                 self.held -= len(chunk)
                 if self.held < self.limit and not self.room.is_set():
                     self.loop.call_soon_threadsafe(self.room.set)
-        return b"".join(taken)
+        return taken.getvalue()
 
     def readable(self) -> bool:
         return True
