@@ -43,6 +43,7 @@ from logs import RequestContext, logging_config
 from pipe import Pipe, PipeBroken
 from render import render_png
 from storage import (
+    MAX_OBJECT_BYTES,
     LocalStorage,
     S3Storage,
     Storage,
@@ -61,7 +62,8 @@ GENERATE_BODY_LIMIT = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
 PIPE_BYTES = 1024 * 1024  # how far receiving may run ahead of storing
-MAX_CONCURRENT_UPLOADS = 64  # beyond these, an upload waits (its client held back by TCP) for a slot
+# Each streams with ~11 MiB in memory; beyond these, an upload waits for a slot, its client held back by TCP.
+MAX_CONCURRENT_UPLOADS = 32
 HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
@@ -121,7 +123,7 @@ def read_settings() -> Settings:
         ),
         local_storage_dir=env.path("LOCAL_STORAGE_DIR", Settings.local_storage_dir),
         public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL(require_tld=False)),
-        max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, None)),
+        max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, MAX_OBJECT_BYTES)),
         max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
         api_token=env.str("API_TOKEN", None, validate=not_empty),
         s3_checksums=env.str(
@@ -276,6 +278,8 @@ class StoringMultiPartParser(MultiPartParser):
         part = self._current_part
         if part.file is None:  # a text field; max_files=1 stops a second file part
             return
+        if part.field_name != "file":
+            raise HTTPException(422, "file is required")
         content_type = part.file.content_type or "application/octet-stream"
         if not CONTENT_TYPE.fullmatch(content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
@@ -284,12 +288,12 @@ class StoringMultiPartParser(MultiPartParser):
             self.pipe, self.state.settings.max_upload_bytes, filename=part.file.filename, headers=part.file.headers
         )
         disposition = content_disposition(clean_filename(part.file.filename))
-        put = partial(self.put, self.pipe, content_type=content_type, content_disposition=disposition)
+        put = partial(self.put, self.pipe, content_type, disposition)
         self.storing = asyncio.get_running_loop().create_task(to_thread.run_sync(put, limiter=self.state.upload_slots))
 
-    def put(self, pipe: Pipe, **headers: str) -> Stored:
+    def put(self, pipe: Pipe, content_type: str, disposition: str) -> Stored:
         try:
-            return self.state.storage.put(self.key, pipe, **headers)
+            return self.state.storage.put(self.key, pipe, content_type=content_type, content_disposition=disposition)
         except BaseException:
             pipe.abort()  # so that the parser stops feeding a store that has given up
             raise
@@ -298,7 +302,10 @@ class StoringMultiPartParser(MultiPartParser):
         """Ends the file once the whole form is in; the store then finishes and commits it."""
         assert self.pipe is not None and self.storing is not None
         self.pipe.close()
-        return await self.storing
+        # Waited for, not awaited: cancelling this request must not cancel the storing task, whose
+        # thread would go on unwatched (and could still commit the file).
+        await asyncio.wait([self.storing])
+        return self.storing.result()
 
     @asynccontextmanager
     async def undone_on_error(self) -> AsyncIterator[None]:
@@ -432,7 +439,7 @@ async def storage_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def client_disconnected(request: Request, exc: Exception) -> None:
-    # Nobody is left to answer, and the parser has already closed its temporary files.
+    # Nobody is left to answer, and an upload's store has already dropped what it had.
     log.info("client disconnected before sending the whole body of %s %s", request.method, request.url.path)
 
 
@@ -474,8 +481,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.readiness = Readiness(storage)
     # Rendering holds the GIL: more renders at once than cores only adds switching, not throughput.
     app.state.render_slots = CapacityLimiter(os.cpu_count() or 1)
-    # Each upload holds a thread while its part streams in; a pool of their own keeps slow clients
-    # from taking the threads that renders and storage checks need.
+    # Each upload holds a worker thread while its part streams in; a limit of their own keeps slow
+    # clients from taking the threads that storing generated images and storage checks need.
     app.state.upload_slots = CapacityLimiter(MAX_CONCURRENT_UPLOADS)
     log.info("storage: %s", storage.describe())
     return app

@@ -7,6 +7,7 @@ import io
 import math
 import threading
 from collections import deque
+from contextlib import suppress
 
 
 class PipeBroken(Exception):
@@ -51,7 +52,11 @@ class Pipe:
         with self.changed:
             self.broken = True
             self.changed.notify()
-        self.loop.call_soon_threadsafe(self.room.set)
+        self.wake_writer()
+
+    def wake_writer(self) -> None:
+        with suppress(RuntimeError):  # the loop has closed: no writer is left to wake
+            self.loop.call_soon_threadsafe(self.room.set)
 
     def read(self, size: int = -1) -> bytes:
         """`size` bytes (all of them if -1), fewer only at the end: what storage code expects of a file."""
@@ -74,7 +79,7 @@ class Pipe:
                 wanted -= len(chunk)
                 self.held -= len(chunk)
                 if self.held < self.limit and not self.room.is_set():
-                    self.loop.call_soon_threadsafe(self.room.set)
+                    self.wake_writer()
         return taken.getvalue()
 
     def readable(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -38,13 +38,17 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.futures import TransferFuture
+from s3transfer.subscribers import BaseSubscriber
 
 log = logging.getLogger(__name__)
 
 # A file under 5 MiB goes up in one PUT. A larger one goes up in 5 MiB parts (S3's smallest), one
-# at a time while the next arrives, so that an upload holds ~15 MiB of memory; boto3's defaults
-# (10 threads, 10 parts of 8 MiB read ahead) hold ~100 MiB for every upload.
+# at a time while the next arrives, so that an upload holds about 11 MiB of memory; boto3's
+# defaults (10 threads, 10 parts of 8 MiB read ahead) hold ~100 MiB for every upload.
 MULTIPART_THRESHOLD = 5 * 1024 * 1024
+# A file still arriving has no known size, so its parts cannot grow with it: S3 takes 10,000.
+MAX_OBJECT_BYTES = 10_000 * MULTIPART_THRESHOLD
 TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=1
 )
@@ -112,14 +116,24 @@ class HashingReader:
         return Stored(self.size, self.sha256.hexdigest())
 
 
-class Prefixed:
-    """`head`, then the rest of `fileobj`: gives back what was read to look ahead."""
+class MultipartBody(BaseSubscriber):
+    """What a multipart upload reads: `head`, then the rest of `fileobj`. It stops once the transfer has
+    failed, where s3transfer alone would go on reading to the end (a slow client would hear of the
+    failure only after sending everything)."""
 
     def __init__(self, head: bytes, fileobj: Readable) -> None:
         self.head = head
         self.fileobj = fileobj
+        self.transfer: TransferFuture | None = None
+
+    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
+        """s3transfer's hook, called before it reads anything."""
+        self.transfer = future
 
     def read(self, size: int = -1) -> bytes:
+        if self.transfer is not None and self.transfer.done():
+            # Never seen by the caller: the transfer keeps its first failure, which result() raises.
+            raise RuntimeError("the upload has failed")
         if not self.head:
             return self.fileobj.read(size)
         if size < 0 or size > len(self.head):
@@ -201,8 +215,10 @@ class S3Storage:
                 return stored
             # Parts go up while the rest is still arriving. S3 takes metadata only before the first
             # byte, when the hash is not known yet; a tag can be set after the last one.
-            body, head = Prefixed(head, reader), b""  # so that the first part is freed once it is sent
-            self.client.upload_fileobj(body, self.bucket, key, ExtraArgs=headers, Config=TRANSFER_CONFIG)
+            body, head = MultipartBody(head, reader), b""  # so that the first part is freed once it is sent
+            # boto3's upload_fileobj, unrolled to hand the transfer to the body.
+            with create_transfer_manager(self.client, TRANSFER_CONFIG) as transfers:
+                transfers.upload(body, self.bucket, key, extra_args=headers, subscribers=[body]).result()
             stored = reader.stored()
             tags = {"TagSet": [{"Key": "sha256", "Value": stored.sha256}]}
             self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging=tags)

@@ -240,12 +240,21 @@ def direct_upload(s3: object, path: Path) -> Direct:
     """The limit: boto3's upload_fileobj of the same file to the same endpoint, default TransferConfig."""
     marks: dict[str, float] = {}
     events = s3.meta.events  # type: ignore[attr-defined]
-    for when in ("before", "after"):
-        handler = partial(lambda when, **_: marks.__setitem__(when, time.perf_counter()), when)
-        events.register(f"{when}-call.s3.CompleteMultipartUpload", handler, unique_id=f"bench-{when}")
+    handlers = {
+        f"{when}-call.s3.CompleteMultipartUpload": partial(
+            lambda when, **_: marks.update({when: time.perf_counter()}), when
+        )
+        for when in ("before", "after")
+    }
+    for event, handler in handlers.items():
+        events.register(event, handler)
     started = time.perf_counter()
-    with path.open("rb") as body:
-        s3.upload_fileobj(body, BUCKET, f"direct/{uuid4().hex}")  # type: ignore[attr-defined]
+    try:
+        with path.open("rb") as body:
+            s3.upload_fileobj(body, BUCKET, f"direct/{uuid4().hex}")  # type: ignore[attr-defined]
+    finally:
+        for event, handler in handlers.items():
+            events.unregister(event, handler)
     return Direct(time.perf_counter() - started, marks.get("after", 0.0) - marks.get("before", 0.0))
 
 

@@ -277,7 +277,7 @@ def write_dotenv(directory: Path, values: Mapping[str, str]) -> None:
 
 
 def temp_files_held(process: subprocess.Popen[bytes], directory: Path) -> list[str]:
-    """Files under `directory` the process still has open (spooled uploads are unlinked at once)."""
+    """Files under `directory` the process has open (a spooled upload would be unlinked at once)."""
     held = []
     for fd in Path(f"/proc/{process.pid}/fd").iterdir():
         with suppress(FileNotFoundError):  # closed between the listing and the readlink

@@ -197,6 +197,33 @@ async def test_s3_stalling_mid_multipart_upload_is_504_and_aborted(
     assert keys_in(s3, bucket, "") == []
 
 
+class CountedFile:
+    """A file of `size` random bytes that counts how much of it has been read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.size - self.read_bytes if size < 0 else min(size, self.size - self.read_bytes)
+        self.read_bytes += size
+        return os.urandom(size)
+
+
+async def test_s3_failing_mid_upload_stops_reading_the_body(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
+    proxy.mode = Stall(after_bytes=MiB)
+    body = CountedFile(64 * MiB)
+
+    response = await client.post("/upload", files={"file": ("big.bin", body, "application/octet-stream")})
+
+    assert response.status_code == 504
+    # Read: the first part, the next one, the pipe and the client's buffers; not the rest of the body.
+    assert body.read_bytes < 16 * MiB
+    assert multipart_uploads(s3, bucket) == []
+
+
 async def test_s3_cutting_a_put_body_is_503_and_stores_nothing(
     client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str
 ) -> None:
@@ -269,7 +296,6 @@ async def test_s3_refusal_is_502_naming_only_the_code(
 
 # ---------------------------------------------------------------- client faults, against the real server
 
-# Over the 1 MiB that Starlette keeps in memory, so the file part is spooled to TMPDIR.
 # Past the multipart threshold: when such a client leaves, S3 has an upload in progress.
 LEFT_BYTES = 7 * MiB
 MAX_UPLOAD_BYTES = 12 * MiB

@@ -190,8 +190,9 @@ def test_local_startup_log_names_directory(local_server: Server, data_dir: Path)
         {"S3_PRESIGN_TTL_SECONDS": "0"},
         {"S3_PRESIGN_TTL_SECONDS": "604801"},
         {"S3_BUCKET": ""},
+        {"MAX_UPLOAD_BYTES": str(10_000 * 5 * 1024 * 1024 + 1)},  # more than 10,000 parts of 5 MiB
     ],
-    ids=["ttl-soon", "ttl-0", "ttl-over-7-days", "empty-bucket"],
+    ids=["ttl-soon", "ttl-0", "ttl-over-7-days", "empty-bucket", "upload-over-s3-parts"],
 )
 def test_invalid_setting_stops_the_process(workdir: Path, overrides: dict[str, str]) -> None:
     [name] = overrides

@@ -376,9 +376,7 @@ class FailingReader:
 
 
 def put_failing(local: LocalStorage, key: str) -> None:
-    local.put(
-        key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment"
-    )
+    local.put(key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment")
 
 
 def test_local_failed_write_is_a_503(local: LocalStorage) -> None:
