@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import math
+import sys
 import threading
 from collections import deque
 from contextlib import suppress
@@ -60,7 +60,7 @@ class Pipe:
 
     def read(self, size: int = -1) -> bytes:
         """`size` bytes (all of them if -1), fewer only at the end: what storage code expects of a file."""
-        wanted = size if size >= 0 else math.inf
+        wanted = size if size >= 0 else sys.maxsize
         # A BytesIO grows in place and hands over its buffer without a copy, so a 5 MiB read
         # holds 5 MiB, not the chunks plus their join.
         taken = io.BytesIO()
@@ -73,8 +73,8 @@ class Pipe:
                     break
                 chunk = self.chunks.popleft()
                 if len(chunk) > wanted:
-                    self.chunks.appendleft(chunk[int(wanted) :])
-                    chunk = chunk[: int(wanted)]
+                    self.chunks.appendleft(chunk[wanted:])
+                    chunk = chunk[:wanted]
                 taken.write(chunk)
                 wanted -= len(chunk)
                 self.held -= len(chunk)
