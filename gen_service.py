@@ -272,6 +272,8 @@ class StoringMultiPartParser(MultiPartParser):
         self.key = key
         self.pipe: Pipe | None = None
         self.storing: asyncio.Task[Stored] | None = None
+        self.content_type = "application/octet-stream"
+        self.filename: str | None = None  # cleaned
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -280,15 +282,15 @@ class StoringMultiPartParser(MultiPartParser):
             return
         if part.field_name != "file":
             raise HTTPException(422, "file is required")
-        content_type = part.file.content_type or "application/octet-stream"
-        if not CONTENT_TYPE.fullmatch(content_type):
+        self.content_type = part.file.content_type or self.content_type
+        if not CONTENT_TYPE.fullmatch(self.content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
+        self.filename = clean_filename(part.file.filename)
         self.pipe = Pipe(PIPE_BYTES)
         part.file = PipedFile(
             self.pipe, self.state.settings.max_upload_bytes, filename=part.file.filename, headers=part.file.headers
         )
-        disposition = content_disposition(clean_filename(part.file.filename))
-        put = partial(self.put, self.pipe, content_type, disposition)
+        put = partial(self.put, self.pipe, self.content_type, content_disposition(self.filename))
         self.storing = asyncio.get_running_loop().create_task(to_thread.run_sync(put, limiter=self.state.upload_slots))
 
     def put(self, pipe: Pipe, content_type: str, disposition: str) -> Stored:
@@ -400,9 +402,8 @@ async def upload(request: Request) -> JSONResponse:
         if not isinstance(file, UploadFile):
             raise HTTPException(422, "file must be a file part, not a text field")
         stored = await parser.stored()
-    content_type = file.content_type or "application/octet-stream"
-    stored_fields = await run_in_threadpool(answer, request.app.state.storage, key, stored, content_type)
-    return JSONResponse({"filename": clean_filename(file.filename), **stored_fields})
+    stored_fields = await run_in_threadpool(answer, request.app.state.storage, key, stored, parser.content_type)
+    return JSONResponse({"filename": parser.filename, **stored_fields})
 
 
 async def openapi(request: Request) -> Response:
