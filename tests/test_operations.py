@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -193,6 +195,45 @@ async def test_uploads_are_hashed_off_the_event_loop(
 
     assert answer["sha256"] == hashlib.sha256(content).hexdigest()
     assert hashed_on == {True: 0, False: len(content)}  # the event loop only hands bytes on
+
+
+# A held thread gives up after this, so a service that waited on it fails the test instead of hanging it.
+HOLD_SECONDS = 10
+
+
+async def test_health_answers_while_a_render_and_a_store_are_held(
+    client: httpx.AsyncClient, download: Download, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering and storing run in worker threads: while both are stuck, the event loop still answers."""
+    release = threading.Event()
+    entered = {"render": threading.Event(), "store": threading.Event()}
+
+    def held(name: str, work: Callable[..., object]) -> Callable[..., object]:
+        def wait_then_work(*args: object, **kwargs: object) -> object:
+            entered[name].set()
+            if not release.wait(HOLD_SECONDS):
+                raise TimeoutError(f"{name} was held until it gave up")
+            return work(*args, **kwargs)
+
+        return wait_then_work
+
+    monkeypatch.setattr(gen_service, "render_png", held("render", gen_service.render_png))
+    for store in (storage.LocalStorage, storage.S3Storage):
+        monkeypatch.setattr(store, "put", held("store", store.put))
+    content = os.urandom(3 * 1024 * 1024)  # more than the pipe holds, so the upload is held mid-body
+
+    async with asyncio.TaskGroup() as requests:
+        generating = requests.create_task(client.post("/generate", json={"prompt": "a fox"}))
+        uploading = requests.create_task(client.post("/upload", files={"file": ("a.bin", content)}))
+        for event in entered.values():
+            assert await asyncio.to_thread(event.wait, HOLD_SECONDS)
+        health = await client.get("/health")
+        release.set()
+
+    assert health.status_code == 200
+    assert generating.result().status_code == 200, generating.result().text
+    assert uploading.result().status_code == 200, uploading.result().text
+    assert (await download(uploading.result().json()["url"])).content == content
 
 
 @pytest.mark.parametrize("size", [1000, 9 * 1024 * 1024], ids=["single-put", "multipart"])
