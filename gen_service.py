@@ -274,6 +274,8 @@ class StoringMultiPartParser(MultiPartParser):
         self.storing: asyncio.Task[Stored] | None = None
         self.content_type = "application/octet-stream"
         self.filename: str | None = None  # cleaned
+        length = request.headers.get("content-length", "")
+        self.body_bytes = int(length) if length.isdigit() else None  # None: chunked
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -286,7 +288,7 @@ class StoringMultiPartParser(MultiPartParser):
         if not CONTENT_TYPE.fullmatch(self.content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
         self.filename = clean_filename(part.file.filename)
-        self.pipe = Pipe(PIPE_BYTES)
+        self.pipe = Pipe(PIPE_BYTES, at_most=self.body_bytes)
         part.file = PipedFile(
             self.pipe, self.state.settings.max_upload_bytes, filename=part.file.filename, headers=part.file.headers
         )

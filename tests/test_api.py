@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -49,11 +50,20 @@ async def test_upload_downloads_the_same_bytes_type_and_name(client: httpx.Async
     assert unquote(disposition.split("filename*=UTF-8''")[1]) == "résumé 2024.pdf"
 
 
+async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """Sent with no Content-Length (chunked), so the service cannot know the file's size ahead."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_upload_larger_than_the_multipart_threshold_round_trips(
-    client: httpx.AsyncClient, download: Download
+    client: httpx.AsyncClient, download: Download, chunked: bool
 ) -> None:
     content = os.urandom(9 * 1024 * 1024)
-    response = await client.post("/upload", files={"file": ("big.bin", content)})
+    form = client.build_request("POST", "/upload", files={"file": ("big.bin", content)})
+    body, headers = form.read(), {"content-type": form.headers["content-type"]}
+    response = await client.post("/upload", content=in_chunks(body) if chunked else body, headers=headers)
     assert response.status_code == 200, response.text
     assert (await download(response.json()["url"])).content == content
 

@@ -26,11 +26,16 @@ def read_in(pipe: Pipe, size: int) -> list[bytes]:
     return reads
 
 
+DATA_BYTES = 3 * 1024 * 1024 + 7
+
+
 @pytest.mark.parametrize("size", [1000, 64 * 1024, 5 * 1024 * 1024])
-async def test_reads_are_whole_until_the_last(size: int) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 7)
+# Reads reserve their buffer up to what is known to be coming, if anything is.
+@pytest.mark.parametrize("at_most", [None, DATA_BYTES, DATA_BYTES + 500], ids=["unknown", "exact", "more"])
+async def test_reads_are_whole_until_the_last(size: int, at_most: int | None) -> None:
+    data = os.urandom(DATA_BYTES)
     chunks = [data[offset : offset + 65_000] for offset in range(0, len(data), 65_000)]
-    pipe = Pipe(limit=256 * 1024)
+    pipe = Pipe(limit=256 * 1024, at_most=at_most)
     writing = asyncio.create_task(write_all(pipe, chunks))
     reads = await to_thread.run_sync(read_in, pipe, size)
     await writing
