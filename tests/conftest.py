@@ -284,3 +284,9 @@ def temp_files_held(process: subprocess.Popen[bytes], directory: Path) -> list[s
             if (target := os.readlink(fd)).startswith(str(directory)):
                 held.append(target)
     return held
+
+
+async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """The body with no Content-Length (chunked): the service cannot know its size ahead."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import Download
+from conftest import Download, in_chunks
 
 pytestmark = pytest.mark.anyio
 
@@ -48,12 +47,6 @@ async def test_upload_downloads_the_same_bytes_type_and_name(client: httpx.Async
     disposition = fetched.headers["content-disposition"]
     assert disposition.startswith("attachment;")
     assert unquote(disposition.split("filename*=UTF-8''")[1]) == "résumé 2024.pdf"
-
-
-async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
-    """Sent with no Content-Length (chunked), so the service cannot know the file's size ahead."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
-from conftest import Server, StartServer
+from conftest import Server, StartServer, in_chunks
 
 pytestmark = pytest.mark.anyio
 
@@ -170,12 +170,6 @@ def peak(samples: list[Usage]) -> Usage:
 def multipart(data: bytes) -> bytes:
     head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
     return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
-    """The body with no Content-Length (chunked), so the service has to count it while reading."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
 
 
 @dataclass
