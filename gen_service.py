@@ -62,7 +62,7 @@ GENERATE_BODY_LIMIT = 64 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
 PIPE_BYTES = 1024 * 1024  # how far receiving may run ahead of storing
-# Each streams with ~11 MiB in memory; beyond these, an upload waits for a slot, its client held back by TCP.
+# Each streams with 11 to 16 MiB in memory; beyond these, an upload waits for a slot, its client held back by TCP.
 MAX_CONCURRENT_UPLOADS = 32
 HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
@@ -176,7 +176,7 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
+        if length.isascii() and length.isdigit() and int(length) > self.limit:
             # Refused before reading, so a client that sent `Expect: 100-continue` sends nothing.
             raise self.too_large()
         received = 0
@@ -275,7 +275,7 @@ class StoringMultiPartParser(MultiPartParser):
         self.content_type = "application/octet-stream"
         self.filename: str | None = None  # cleaned
         length = request.headers.get("content-length", "")
-        self.body_bytes = int(length) if length.isdigit() else None  # None: chunked
+        self.body_bytes = int(length) if length.isascii() and length.isdigit() else None  # None: chunked
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()

@@ -44,7 +44,7 @@ from s3transfer.subscribers import BaseSubscriber
 log = logging.getLogger(__name__)
 
 # A file under 5 MiB goes up in one PUT. A larger one goes up in 5 MiB parts (S3's smallest), one
-# at a time while the next arrives, so that an upload holds about 11 MiB of memory; boto3's
+# at a time while the next arrives, so that an upload holds 11 to 16 MiB of memory; boto3's
 # defaults (10 threads, 10 parts of 8 MiB read ahead) hold ~100 MiB for every upload.
 MULTIPART_THRESHOLD = 5 * 1024 * 1024
 # A file still arriving has no known size, so its parts cannot grow with it: S3 takes 10,000.

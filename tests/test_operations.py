@@ -21,7 +21,7 @@ from botocore.credentials import RefreshableCredentials
 import gen_service
 import logs
 import storage
-from conftest import Download, asgi_client
+from conftest import Download, asgi_client, in_chunks
 from gen_service import Settings
 
 pytestmark = pytest.mark.anyio
@@ -220,15 +220,20 @@ async def test_health_answers_while_a_render_and_a_store_are_held(
     monkeypatch.setattr(gen_service, "render_png", held("render", gen_service.render_png))
     for store in (storage.LocalStorage, storage.S3Storage):
         monkeypatch.setattr(store, "put", held("store", store.put))
-    content = os.urandom(3 * 1024 * 1024)  # more than the pipe holds, so the upload is held mid-body
+    # More than the pipe holds, sent in pieces, so the upload is held mid-body waiting for room.
+    content = os.urandom(3 * 1024 * 1024)
+    form = client.build_request("POST", "/upload", files={"file": ("a.bin", content)})
+    headers = {"content-type": form.headers["content-type"]}
 
     async with asyncio.TaskGroup() as requests:
         generating = requests.create_task(client.post("/generate", json={"prompt": "a fox"}))
-        uploading = requests.create_task(client.post("/upload", files={"file": ("a.bin", content)}))
-        for event in entered.values():
-            assert await asyncio.to_thread(event.wait, HOLD_SECONDS)
-        health = await client.get("/health")
-        release.set()
+        uploading = requests.create_task(client.post("/upload", content=in_chunks(form.read()), headers=headers))
+        try:
+            for event in entered.values():
+                assert await asyncio.to_thread(event.wait, HOLD_SECONDS)
+            health = await client.get("/health")
+        finally:
+            release.set()
 
     assert health.status_code == 200
     assert generating.result().status_code == 200, generating.result().text
