@@ -415,27 +415,26 @@ def spool_is_released(server: Server, spool: Path) -> bool:
     return not temp_files_held(server.process, spool) and not any(spool.iterdir())
 
 
-def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> None:
-    """No object or unfinished multipart upload, no file in the store, no temporary file on disk or held
-    open, no traceback in the log."""
-    wait_until(lambda: spool_is_released(server, spool) and not multipart_uploads(s3, bucket))
-    assert temp_files_held(server.process, spool) == []
-    assert list(spool.iterdir()) == []
-    assert keys_in(s3, bucket, "") == []
-    assert multipart_uploads(s3, bucket) == []
-    assert stored_files(data_dir) == []
-    assert "Traceback" not in server.log()
+@pytest.fixture
+def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> Callable[[], None]:
+    """Asserts, of `server`: no object or unfinished multipart upload, no file in the store, no temporary
+    file on disk or held open, no traceback in the log."""
+
+    def check() -> None:
+        wait_until(lambda: spool_is_released(server, spool) and not multipart_uploads(s3, bucket))
+        assert temp_files_held(server.process, spool) == []
+        assert list(spool.iterdir()) == []
+        assert keys_in(s3, bucket, "") == []
+        assert multipart_uploads(s3, bucket) == []
+        assert stored_files(data_dir) == []
+        assert "Traceback" not in server.log()
+
+    return check
 
 
 @pytest.mark.parametrize("fault", [overstated_length, short_json, half_closed])
 def test_client_leaving_early_leaves_nothing(
-    server: Server,
-    http: httpx.Client,
-    spool: Path,
-    data_dir: Path,
-    s3: Any,
-    bucket: str,
-    fault: Callable[[socket.socket], str],
+    server: Server, http: httpx.Client, assert_nothing_left: Callable[[], None], fault: Callable[[socket.socket], str]
 ) -> None:
     with connect(server) as connection:
         path = fault(connection)
@@ -443,7 +442,7 @@ def test_client_leaving_early_leaves_nothing(
     wait_until(lambda: logged in server.log())
 
     assert logged in server.log()
-    assert_nothing_left(server, spool, data_dir, s3, bucket)
+    assert_nothing_left()
     assert upload(http, server, b"the next one")["url"]
 
 
@@ -451,10 +450,7 @@ def test_client_leaving_early_leaves_nothing(
 def test_body_over_the_limit_is_413(
     server: Server,
     http: httpx.Client,
-    spool: Path,
-    data_dir: Path,
-    s3: Any,
-    bucket: str,
+    assert_nothing_left: Callable[[], None],
     fault: Callable[[socket.socket], tuple[str, bytes]],
 ) -> None:
     with connect(server) as connection:
@@ -463,7 +459,7 @@ def test_body_over_the_limit_is_413(
     # The first thing the server sends: with `Expect: 100-continue`, no `100 Continue` came before it.
     assert status_line == "HTTP/1.1 413 Request Entity Too Large"
     assert json.loads(body) == {"detail": f"file is larger than {MAX_UPLOAD_BYTES} bytes"}
-    assert_nothing_left(server, spool, data_dir, s3, bucket)
+    assert_nothing_left()
     assert upload(http, server, b"the next one")["url"]
 
 
