@@ -165,6 +165,12 @@ def make_storage(settings: Settings) -> Storage:
 # ---------------------------------------------------------------- request checks
 
 
+def declared_length(headers: Headers) -> int | None:
+    """The body's Content-Length, or None when it has none (chunked)."""
+    length = headers.get("content-length", "")
+    return int(length) if length.isascii() and length.isdigit() else None
+
+
 class BodyLimit:
     """Refuses a body over `limit` bytes with JSON 413 `detail`: on Content-Length before reading, else
     while streaming. (Starlette's own `max_body_size` answers the Content-Length case in plain text.)"""
@@ -175,8 +181,8 @@ class BodyLimit:
         self.detail = detail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isascii() and length.isdigit() and int(length) > self.limit:
+        length = declared_length(Headers(scope=scope))
+        if length is not None and length > self.limit:
             # Refused before reading, so a client that sent `Expect: 100-continue` sends nothing.
             raise self.too_large()
         received = 0
@@ -274,8 +280,7 @@ class StoringMultiPartParser(MultiPartParser):
         self.storing: asyncio.Task[Stored] | None = None
         self.content_type = "application/octet-stream"
         self.filename: str | None = None  # cleaned
-        length = request.headers.get("content-length", "")
-        self.body_bytes = int(length) if length.isascii() and length.isdigit() else None  # None: chunked
+        self.body_bytes = declared_length(request.headers)
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
