@@ -12,7 +12,6 @@ from typing import Any
 from uuid import uuid4
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("gen_service.access")
@@ -70,9 +69,9 @@ class JSONFormatter(logging.Formatter):
 
 
 class RequestContext:
-    """Gives every request an id (echoed in `X-Request-ID`), answers unexpected errors with a JSON 500,
-    and logs one access line per request. Paths are logged without their query: local-store links
-    carry their signature there, and a link is as good as the file."""
+    """Gives every request an id (echoed in `X-Request-ID`) and logs one access line per request. Paths
+    are logged without their query: local-store links carry their signature there, and a link is as
+    good as the file."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -97,10 +96,6 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            if not response["status"]:
-                await JSONResponse({"detail": "internal server error"}, 500)(scope, receive, send_with_id)
-            raise  # uvicorn logs the traceback, once
         finally:
             if not (response["status"] == 200 and scope["path"] in PROBE_PATHS):
                 log_access(scope, headers, response, time.perf_counter() - started)

@@ -17,14 +17,13 @@ import secrets
 import shutil
 import tempfile
 import time
-import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Protocol
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -56,9 +55,6 @@ TRANSFER_CONFIG.max_in_memory_upload_chunks = 1  # s3transfer's setting, not a p
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
-MAX_FILENAME_CHARS = 255
-# Marks that reorder how a name displays ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 METADATA_SUFFIX = ".json"
 EXPIRES = re.compile(r"[0-9]{1,12}")
 
@@ -141,28 +137,6 @@ class MultipartBody(BaseSubscriber):
             return data + self.fileobj.read(-1 if size < 0 else size - len(data))
         data, self.head = self.head[:size], self.head[size:]
         return data
-
-
-def clean_filename(name: str | None) -> str | None:
-    """The name a download will carry: no directories, no control or bidi characters, bounded."""
-    if name is None:
-        return None
-    # Browsers, curl, httpx and Node's FormData send '"', CR and LF in a filename as %22, %0D, %0A.
-    name = name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
-    base = re.split(r"[/\\]", name)[-1]
-    kept = "".join(
-        char for char in base if unicodedata.category(char) not in ("Cc", "Cs") and char not in BIDI_CONTROLS
-    )
-    kept = kept.strip()[:MAX_FILENAME_CHARS].rstrip()
-    return None if kept in ("", ".", "..") else kept
-
-
-def content_disposition(filename: str | None) -> str:
-    """RFC 6266 attachment header: an ASCII fallback name, then the exact name as UTF-8."""
-    if filename is None:
-        return "attachment"
-    fallback = "".join(char if " " <= char <= "~" and char not in '"\\%' else "_" for char in filename)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 # ---------------------------------------------------------------- S3

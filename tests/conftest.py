@@ -24,7 +24,7 @@ from moto.server import ThreadedMotoServer
 from starlette.applications import Starlette
 
 import gen_service
-from gen_service import Settings
+from settings import Settings
 
 Download = Callable[[str], Awaitable[httpx.Response]]
 

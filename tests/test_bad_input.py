@@ -10,7 +10,7 @@ import pytest
 
 import gen_service
 from conftest import asgi_client
-from gen_service import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

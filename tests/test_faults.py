@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 
 import gen_service
 from conftest import Server, StartServer, asgi_client, keys_in, temp_files_held, upload
-from gen_service import Settings
+from settings import Settings
 
 MiB = 1024 * 1024
 CONNECT_TIMEOUT = 0.5

@@ -29,8 +29,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 import gen_service
-import storage
-from gen_service import Settings
+import upload_parser
+from settings import Settings
 
 DOCUMENT = json.loads(gen_service.OPENAPI_DOCUMENT)
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -185,8 +185,8 @@ def assert_is_a_clean_name(name: str | None) -> None:
     assert name not in ("", ".", "..")
     assert "/" not in name and "\\" not in name
     assert not any(unicodedata.category(char) in ("Cc", "Cs") for char in name)
-    assert not set(name) & storage.BIDI_CONTROLS
-    assert len(name) <= storage.MAX_FILENAME_CHARS
+    assert not set(name) & upload_parser.BIDI_CONTROLS
+    assert len(name) <= upload_parser.MAX_FILENAME_CHARS
 
 
 def assert_disposition_carries(header: str, name: str | None) -> None:
@@ -209,13 +209,13 @@ def assert_disposition_carries(header: str, name: str | None) -> None:
 @example("invoice\u202efdp.exe")
 @example("é" * 1000)
 def test_any_name_is_cleaned_into_a_single_safe_header(name: str) -> None:
-    cleaned = storage.clean_filename(name)
+    cleaned = upload_parser.clean_filename(name)
     assert_is_a_clean_name(cleaned)
-    assert_disposition_carries(storage.content_disposition(cleaned), cleaned)
+    assert_disposition_carries(upload_parser.content_disposition(cleaned), cleaned)
 
 
 def test_a_name_cut_to_the_limit_does_not_end_in_whitespace() -> None:
-    cleaned = storage.clean_filename("a" * 254 + " b.txt")
+    cleaned = upload_parser.clean_filename("a" * 254 + " b.txt")
     assert cleaned == cleaned.strip()  # type: ignore[union-attr]
 
 
@@ -243,7 +243,7 @@ async def test_uploaded_name_never_picks_the_key_and_round_trips(local_app: Star
         assert UPLOADED_KEY.fullmatch(key), body["url"]
         assert body.get("key", key) == key
         assert body.get("sha256", sha256(b"data").hexdigest()) == sha256(b"data").hexdigest()
-        assert body["filename"] == storage.clean_filename(name)
+        assert body["filename"] == upload_parser.clean_filename(name)
         assert_is_a_clean_name(body["filename"])
 
         download = await client.get(f"{url.path}?{url.query}")

@@ -22,7 +22,7 @@ import gen_service
 import logs
 import storage
 from conftest import Download, asgi_client, in_chunks
-from gen_service import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

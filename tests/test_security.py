@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 import gen_service
-from gen_service import Settings
+from settings import Settings
 
 pytestmark = pytest.mark.anyio
 

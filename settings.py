@@ -1,0 +1,89 @@
+"""Settings: read once from the environment at startup; a bad value stops the process naming itself."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import load_dotenv
+from environs import Env
+from marshmallow.validate import URL, Length, OneOf, Range
+
+from storage import MAX_OBJECT_BYTES
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_endpoint_url: str | None = None
+    s3_connect_timeout_seconds: float = 2.0
+    s3_read_timeout_seconds: float = 5.0
+    presign_ttl_seconds: int = 3600
+    local_storage_dir: Path = Path("data")
+    public_base_url: str | None = None
+    max_upload_bytes: int = 100 * MiB
+    max_prompt_chars: int = 2000
+    api_token: str | None = None
+    s3_checksums: str = "when_supported"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    shutdown_grace_seconds: float = 25.0
+    workers: int = 1
+
+
+def read_settings() -> Settings:
+    """Settings from the environment; a .env file in the working directory fills in what is unset.
+
+    Raises EnvError naming every invalid variable.
+    """
+    # Exported, not only parsed, so that boto3's credential chain sees AWS_* values from .env too.
+    load_dotenv(Path.cwd() / ".env")
+    env = Env(eager=False)
+    not_empty = Length(min=1, error="must not be empty")
+    settings = Settings(
+        host=env.str("HOST", Settings.host, validate=not_empty),
+        port=env.int("PORT", Settings.port, validate=Range(1, 65535)),
+        s3_bucket=env.str(either("S3_BUCKET", "s3_bucket"), None, validate=not_empty),
+        s3_region=env.str(either("S3_REGION", "s3_region"), Settings.s3_region, validate=not_empty),
+        s3_endpoint_url=env.str("S3_ENDPOINT_URL", None, validate=URL(require_tld=False)),
+        s3_connect_timeout_seconds=env.float(
+            "S3_CONNECT_TIMEOUT_SECONDS", Settings.s3_connect_timeout_seconds, validate=Range(0.1, 60)
+        ),
+        s3_read_timeout_seconds=env.float(
+            "S3_READ_TIMEOUT_SECONDS", Settings.s3_read_timeout_seconds, validate=Range(0.1, 300)
+        ),
+        # SigV4 links cannot live longer than 7 days; S3 would only say so when the link is used.
+        presign_ttl_seconds=env.int(
+            either("S3_PRESIGN_TTL_SECONDS", "s3_presign_ttl_seconds"),
+            Settings.presign_ttl_seconds,
+            validate=Range(1, 604800),
+        ),
+        local_storage_dir=env.path("LOCAL_STORAGE_DIR", Settings.local_storage_dir),
+        public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL(require_tld=False)),
+        max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, MAX_OBJECT_BYTES)),
+        max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
+        api_token=env.str("API_TOKEN", None, validate=not_empty),
+        s3_checksums=env.str(
+            "S3_CHECKSUMS", Settings.s3_checksums, validate=OneOf(["when_supported", "when_required"])
+        ),
+        log_format=env.str("LOG_FORMAT", Settings.log_format, validate=OneOf(["text", "json"])),
+        log_level=env.str("LOG_LEVEL", Settings.log_level, validate=OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])),
+        # Under ECS's default 30 s stop timeout, after which the task is killed.
+        shutdown_grace_seconds=env.float(
+            "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, validate=Range(0, 3600)
+        ),
+        workers=env.int("WORKERS", Settings.workers, validate=Range(1, 64)),
+    )
+    env.seal()
+    return settings
+
+
+def either(name: str, old_name: str) -> str:
+    """The variable to read: the new name, or the old service's lower-case one if only that is set."""
+    return old_name if old_name in os.environ and name not in os.environ else name

@@ -1,0 +1,96 @@
+"""upload_parser.py: the names and headers a download carries, made from what the client sent."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import pytest
+
+import upload_parser
+
+DISPOSITION = re.compile(r"attachment; filename=\"([^\"]*)\"; filename\*=UTF-8''(\S*)")
+
+
+# ---------------------------------------------------------------- clean_filename
+
+
+@pytest.mark.parametrize(
+    ("name", "cleaned"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\x\\a.txt", "a.txt"),
+        ("dir/sub\\mixed.txt", "mixed.txt"),
+        ("a\x00b.txt", "ab.txt"),
+        ("evil\r\nSet-Cookie: x.txt", "evilSet-Cookie: x.txt"),
+        ("tab\there.txt", "tabhere.txt"),
+        ("invoice\u202efdp.exe", "invoicefdp.exe"),
+        ("\u200eleft\u2066isolate\u2069.txt", "leftisolate.txt"),
+        ("lone\ud800surrogate.txt", "lonesurrogate.txt"),
+        ("  padded.txt  ", "padded.txt"),
+        ("say %22hi%22.txt", 'say "hi".txt'),
+        ("two%0D%0Alines.txt", "twolines.txt"),
+        ("a" * 1000, "a" * 255),
+        ("résumé.pdf", "résumé.pdf"),
+        ("отчёт.docx", "отчёт.docx"),
+        ("报告.txt", "报告.txt"),
+        ("🎨 art.png", "🎨 art.png"),
+        ("👨\u200d👩\u200d👧.png", "👨\u200d👩\u200d👧.png"),
+        ("نامه\u200cها.txt", "نامه\u200cها.txt"),
+        (None, None),
+        ("", None),
+        (".", None),
+        ("..", None),
+        ("/", None),
+        ("dir/", None),
+        ("dir/..", None),
+        ("\x00\r\n", None),
+        ("   ", None),
+    ],
+)
+def test_clean_filename(name: str | None, cleaned: str | None) -> None:
+    assert upload_parser.clean_filename(name) == cleaned
+
+
+# ---------------------------------------------------------------- content_disposition
+
+AWKWARD_NAMES = [
+    "plain.txt",
+    'say "hi".txt',
+    "a;b=c.txt",
+    "100%.txt",
+    "%41%20.txt",
+    "back\\slash.txt",
+    "it's a file.txt",
+    "résumé.pdf",
+    "报告.txt",
+    "🎨👨‍👩‍👧.png",
+    "line\r\nbreak.txt",
+    "x\"; filename*=UTF-8''evil.exe",
+]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_is_one_printable_ascii_line(name: str) -> None:
+    header = upload_parser.content_disposition(name)
+    assert header.isascii()
+    assert header.isprintable()
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_fallback_is_quoted_without_quotes_or_backslashes(name: str) -> None:
+    match = DISPOSITION.fullmatch(upload_parser.content_disposition(name))
+    assert match is not None
+    assert "\\" not in match[1]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_content_disposition_extended_name_decodes_to_the_name(name: str) -> None:
+    match = DISPOSITION.fullmatch(upload_parser.content_disposition(name))
+    assert match is not None
+    assert unquote(match[2], errors="strict") == name
+
+
+def test_content_disposition_without_a_name() -> None:
+    assert upload_parser.content_disposition(None) == "attachment"
