@@ -35,7 +35,15 @@ from errors import EXCEPTION_HANDLERS, InternalErrors
 from logs import RequestContext, logging_config
 from render import render_png
 from settings import Settings, read_settings
-from storage import LocalStorage, S3Storage, Storage, StorageError, Stored, make_s3_client
+from storage import (
+    COMPLETE_READ_TIMEOUT_SECONDS,
+    LocalStorage,
+    S3Storage,
+    Storage,
+    StorageError,
+    Stored,
+    make_s3_client,
+)
 from upload_parser import StoringMultiPartParser
 
 log = logging.getLogger("gen_service")
@@ -45,8 +53,6 @@ GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
-# Each streams with 11 to 16 MiB in memory; beyond these, an upload waits for a slot, its client held back by TCP.
-MAX_CONCURRENT_UPLOADS = 32
 HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 
@@ -60,14 +66,17 @@ def make_storage(settings: Settings) -> Storage:
         if settings.public_base_url is None and settings.host in ("0.0.0.0", "::"):
             log.warning("links will point at %s, which clients cannot open: set PUBLIC_BASE_URL", base_url)
         return LocalStorage(settings.local_storage_dir, base_url, settings.presign_ttl_seconds)
-    client = make_s3_client(
-        region=settings.s3_region,
-        endpoint_url=settings.s3_endpoint_url,
-        connect_timeout=settings.s3_connect_timeout_seconds,
-        read_timeout=settings.s3_read_timeout_seconds,
-        checksums=settings.s3_checksums,
+    client, completion_client = (
+        make_s3_client(
+            region=settings.s3_region,
+            endpoint_url=settings.s3_endpoint_url,
+            connect_timeout=settings.s3_connect_timeout_seconds,
+            read_timeout=read_timeout,
+            checksums=settings.s3_checksums,
+        )
+        for read_timeout in (settings.s3_read_timeout_seconds, COMPLETE_READ_TIMEOUT_SECONDS)
     )
-    return S3Storage(client, settings.s3_bucket, settings.presign_ttl_seconds)
+    return S3Storage(client, settings.s3_bucket, settings.presign_ttl_seconds, completion_client)
 
 
 # ---------------------------------------------------------------- request checks
@@ -115,8 +124,15 @@ async def read_prompt(request: Request) -> str:
 
 
 def answer(storage: Storage, key: str, stored: Stored, content_type: str) -> dict[str, Any]:
-    """The fields that describe a stored file. Blocking (a presign may refresh credentials)."""
-    link = storage.link(key)
+    """The fields that describe a stored file. Blocking (a presign may refresh credentials).
+
+    If no link can be made, the file is removed before the failure is answered: a caller told of a
+    failure must not leave a file behind that nobody knows of."""
+    try:
+        link = storage.link(key)
+    except Exception:
+        remove_quietly(storage, key)
+        raise
     return {
         "url": link.url,
         "key": key,
@@ -125,6 +141,13 @@ def answer(storage: Storage, key: str, stored: Stored, content_type: str) -> dic
         "content_type": content_type,
         "expires_at": link.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def remove_quietly(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # the failure being answered matters more; this one is only logged
+        log.exception("could not remove %s, stored for a request that failed", key)
 
 
 def store_png(storage: Storage, png: bytes) -> dict[str, Any]:
@@ -251,9 +274,10 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.readiness = Readiness(storage)
     # Rendering holds the GIL: more renders at once than cores only adds switching, not throughput.
     app.state.render_slots = CapacityLimiter(os.cpu_count() or 1)
-    # Each upload holds a worker thread while its part streams in; a limit of their own keeps slow
-    # clients from taking the threads that storing generated images and storage checks need.
-    app.state.upload_slots = CapacityLimiter(MAX_CONCURRENT_UPLOADS)
+    # What bounds the memory of uploads (see upload_stream.py), and threads of their own, so that
+    # uploads never take the threads that storing generated images and storage checks need.
+    app.state.upload_slots = CapacityLimiter(settings.max_concurrent_uploads)
+    app.state.upload_threads = CapacityLimiter(settings.max_concurrent_uploads)
     log.info("storage: %s", storage.describe())
     return app
 

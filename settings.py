@@ -35,6 +35,8 @@ class Settings:
     log_level: str = "INFO"
     shutdown_grace_seconds: float = 25.0
     workers: int = 1
+    client_body_timeout_seconds: float = 30.0
+    max_concurrent_uploads: int = 32
 
 
 def read_settings() -> Settings:
@@ -79,6 +81,12 @@ def read_settings() -> Settings:
             "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, validate=Range(0, 3600)
         ),
         workers=env.int("WORKERS", Settings.workers, validate=Range(1, 64)),
+        client_body_timeout_seconds=env.float(
+            "CLIENT_BODY_TIMEOUT_SECONDS", Settings.client_body_timeout_seconds, validate=Range(0.1, 3600)
+        ),
+        max_concurrent_uploads=env.int(
+            "MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads, validate=Range(1, 10_000)
+        ),
     )
     env.seal()
     return settings

@@ -1,8 +1,9 @@
 """Where stored files live: S3, or a directory on local disk with signed links served by us.
 
-Both stores have the same two verbs: `put` a file under a key, reading it once from start to end
-(it may be a pipe still being filled), and make a time-limited `link` to it. They raise
-`StorageError` for failures the caller should see, and nothing else.
+Both stores have the same verbs: `begin` storing a file that may still be arriving (then `write` it a
+part at a time, and `commit` or `abort` it), `put` a whole file, make a time-limited `link` to a file,
+`delete` one, and `check` that files can be stored now. They raise `StorageError` for failures the
+caller should see, and nothing else. Every verb but `begin` blocks: callers run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Protocol
 from urllib.parse import urlencode
 
 import boto3
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -37,21 +35,17 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
-from s3transfer.futures import TransferFuture
-from s3transfer.subscribers import BaseSubscriber
 
 log = logging.getLogger(__name__)
 
-# A file under 5 MiB goes up in one PUT. A larger one goes up in 5 MiB parts (S3's smallest), one
-# at a time while the next arrives, so that an upload holds 11 to 16 MiB of memory; boto3's
-# defaults (10 threads, 10 parts of 8 MiB read ahead) hold ~100 MiB for every upload.
+# S3's smallest part: a file under it goes up in one PUT, a larger one in parts of at least this size.
 MULTIPART_THRESHOLD = 5 * 1024 * 1024
 # A file still arriving has no known size, so its parts cannot grow with it: S3 takes 10,000.
 MAX_OBJECT_BYTES = 10_000 * MULTIPART_THRESHOLD
-TRANSFER_CONFIG = TransferConfig(
-    multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=1
-)
-TRANSFER_CONFIG.max_in_memory_upload_chunks = 1  # s3transfer's setting, not a parameter of boto3's
+# Completing a multipart upload makes S3 assemble the object, which takes minutes for the largest
+# (S3 keeps the connection alive meanwhile): the one call that waits this long for an answer.
+COMPLETE_READ_TIMEOUT_SECONDS = 15 * 60
+LOCAL_PART_BYTES = 1024 * 1024
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
 KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
@@ -78,65 +72,78 @@ class Stored(NamedTuple):
     sha256: str
 
 
-class Storage(Protocol):
-    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored: ...
-
-    def link(self, key: str) -> Link: ...
-
-    def check(self) -> None:
-        """Raises StorageError unless the store can take files now."""
-
-    def describe(self) -> str: ...
-
-
 class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes:
         """Up to `size` bytes (all that is left if -1); fewer only at the end."""
 
 
-class HashingReader:
-    """Counts and hashes what is read through it, so a file is hashed in the pass that stores it."""
+class Upload(Protocol):
+    """One file being stored while it arrives, a step at a time, one step at a time.
 
-    def __init__(self, fileobj: Readable) -> None:
-        self.fileobj = fileobj
+    Each step takes the list of chunks that arrived since the last one and empties it, so that the
+    chunks are freed as soon as they are stored. `write` is given at least the store's `part_bytes`.
+    After a failed step, or to give up, the caller calls `abort`, which leaves nothing behind.
+    """
+
+    def write(self, chunks: list[bytes]) -> None: ...
+
+    def commit(self, chunks: list[bytes]) -> Stored: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage:
+    """What both stores offer; `put` is `begin` for a file that is already whole."""
+
+    part_bytes: int
+
+    def begin(self, key: str, *, content_type: str, content_disposition: str) -> Upload:
+        """Starts storing `key`; does no I/O, so it may be called on the event loop."""
+        raise NotImplementedError
+
+    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored:
+        upload = self.begin(key, content_type=content_type, content_disposition=content_disposition)
+        try:
+            while len(part := fileobj.read(self.part_bytes)) == self.part_bytes:
+                upload.write([part])
+            return upload.commit([part])
+        except BaseException:
+            upload.abort()
+            raise
+
+    def link(self, key: str) -> Link:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Removes a stored file; a file that is not there is no error."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raises StorageError unless the store can take files now."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class Hasher:
+    """Counts and hashes the chunks of a file in the pass that stores them."""
+
+    def __init__(self) -> None:
         self.size = 0
         self.sha256 = hashlib.sha256()
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.fileobj.read(size)
-        self.size += len(data)
-        self.sha256.update(data)
-        return data
+    def take(self, chunks: list[bytes]) -> list[bytes]:
+        """The chunks, counted and hashed, in a new list; `chunks` is emptied."""
+        taken = chunks[:]
+        chunks.clear()
+        for chunk in taken:
+            self.size += len(chunk)
+            self.sha256.update(chunk)
+        return taken
 
     def stored(self) -> Stored:
         return Stored(self.size, self.sha256.hexdigest())
-
-
-class MultipartBody(BaseSubscriber):
-    """What a multipart upload reads: `head`, then the rest of `fileobj`. It stops once the transfer has
-    failed, where s3transfer alone would go on reading to the end (a slow client would hear of the
-    failure only after sending everything)."""
-
-    def __init__(self, head: bytes, fileobj: Readable) -> None:
-        self.head = head
-        self.fileobj = fileobj
-        self.transfer: TransferFuture | None = None
-
-    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
-        """s3transfer's hook, called before it reads anything."""
-        self.transfer = future
-
-    def read(self, size: int = -1) -> bytes:
-        if self.transfer is not None and self.transfer.done():
-            # Never seen by the caller: the transfer keeps its first failure, which result() raises.
-            raise RuntimeError("the upload has failed")
-        if not self.head:
-            return self.fileobj.read(size)
-        if size < 0 or size > len(self.head):
-            data, self.head = self.head, b""
-            return data + self.fileobj.read(-1 if size < 0 else size - len(data))
-        data, self.head = self.head[:size], self.head[size:]
-        return data
 
 
 # ---------------------------------------------------------------- S3
@@ -150,7 +157,7 @@ def make_s3_client(
     read_timeout: float,
     checksums: str = "when_supported",
 ) -> Any:
-    """The one S3 client of the process: thread-safe, SigV4 links, bounded time on failure.
+    """An S3 client: thread-safe, SigV4 links, bounded time on failure.
 
     `checksums="when_required"` stops boto3 sending the checksums some S3-compatible stores reject.
     """
@@ -169,51 +176,41 @@ def make_s3_client(
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-@dataclass
-class S3Storage:
-    client: Any
-    bucket: str
-    presign_ttl_seconds: int
-    warned_about_short_links: bool = False
+class S3Storage(Storage):
+    part_bytes = MULTIPART_THRESHOLD
 
-    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored:
-        # With checksums on (the default), botocore adds a CRC32 that S3 checks as the bytes arrive.
-        reader = HashingReader(fileobj)
-        headers = {"ContentType": content_type, "ContentDisposition": content_disposition}
-        with s3_errors(f"put {key}"):
-            head = reader.read(MULTIPART_THRESHOLD)
-            if len(head) < MULTIPART_THRESHOLD:
-                stored = reader.stored()
-                metadata = {"sha256": stored.sha256}
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=head, Metadata=metadata, **headers)
-                return stored
-            # Parts go up while the rest is still arriving. S3 takes metadata only before the first
-            # byte, when the hash is not known yet; a tag can be set after the last one.
-            body, head = MultipartBody(head, reader), b""  # so that the first part is freed once it is sent
-            # boto3's upload_fileobj, unrolled to hand the transfer to the body.
-            with create_transfer_manager(self.client, TRANSFER_CONFIG) as transfers:
-                transfers.upload(body, self.bucket, key, extra_args=headers, subscribers=[body]).result()
-            stored = reader.stored()
-            tags = {"TagSet": [{"Key": "sha256", "Value": stored.sha256}]}
-            self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging=tags)
-        return stored
+    def __init__(self, client: Any, bucket: str, presign_ttl_seconds: int, completion_client: Any = None) -> None:
+        self.client = client
+        # The same store with a long read timeout, for CompleteMultipartUpload alone.
+        self.completion_client = completion_client or client
+        self.bucket = bucket
+        self.presign_ttl_seconds = presign_ttl_seconds
+        self.warned_about_short_links = False
+        self.tagging_failures_logged: set[str] = set()
+
+    def begin(self, key: str, *, content_type: str, content_disposition: str) -> S3Upload:
+        return S3Upload(self, key, {"ContentType": content_type, "ContentDisposition": content_disposition})
 
     def link(self, key: str) -> Link:
         now = datetime.now(UTC)
         expires_at = now + timedelta(seconds=self.presign_ttl_seconds)
-        # Temporary credentials (a Fargate task role's) sign links that die with them, whatever the TTL.
-        credentials_expire = getattr(self.client._get_credentials(), "_expiry_time", None)
-        if credentials_expire is not None and credentials_expire < expires_at:
-            expires_at = credentials_expire
-            if not self.warned_about_short_links:
-                self.warned_about_short_links = True
-                log.warning("links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner")
-        expires_in = max(1, int((expires_at - now).total_seconds()))
         with s3_errors(f"presign {key}"):
+            # Temporary credentials (a Fargate task role's) sign links that die with them, whatever the TTL.
+            credentials_expire = getattr(self.client._get_credentials(), "_expiry_time", None)
+            if credentials_expire is not None and credentials_expire < expires_at:
+                expires_at = credentials_expire
+                if not self.warned_about_short_links:
+                    self.warned_about_short_links = True
+                    log.warning("links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner")
+            expires_in = max(1, int((expires_at - now).total_seconds()))
             url = self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
             )
         return Link(url, expires_at)
+
+    def delete(self, key: str) -> None:
+        with s3_errors(f"delete {key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def check(self) -> None:
         with s3_errors("head bucket"):
@@ -221,6 +218,100 @@ class S3Storage:
 
     def describe(self) -> str:
         return f"S3 bucket {self.bucket!r} via {self.client.meta.endpoint_url}"
+
+    def tag(self, key: str, stored: Stored) -> None:
+        """Best effort: the sha256 tag of a file stored in parts. Some S3-compatible stores have no
+        tagging, and a role may lack s3:PutObjectTagging; the file is stored either way."""
+        tags = {"TagSet": [{"Key": "sha256", "Value": stored.sha256}]}
+        try:
+            self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging=tags)
+        except (BotoCoreError, ClientError) as error:
+            cause = storage_error(error).detail
+            if cause not in self.tagging_failures_logged:  # once per cause, not once per upload
+                self.tagging_failures_logged.add(cause)
+                log.warning(
+                    "files stored in parts carry no sha256 tag: tagging failed: %s. Grant s3:PutObjectTagging, "
+                    "or use a store with object tagging, to get it (the answer's sha256 is unaffected)",
+                    cause,
+                )
+
+
+class S3Upload:
+    """A file under 5 MiB goes up in one PutObject, with its sha256 as metadata. A larger one goes up
+    in parts while the rest arrives; S3 takes metadata only before the first byte, when the hash is
+    not known yet, so the sha256 becomes a tag once the last part is in."""
+
+    def __init__(self, store: S3Storage, key: str, headers: dict[str, str]) -> None:
+        self.store = store
+        self.object = {"Bucket": store.bucket, "Key": key}
+        self.headers = headers
+        self.hasher = Hasher()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        # With checksums on (the default), botocore adds a CRC32 that S3 checks as the bytes arrive;
+        # a multipart upload must name it from the start, and its completion list each part's.
+        checksums = store.client.meta.config.request_checksum_calculation == "when_supported"
+        self.checksum = {"ChecksumAlgorithm": "CRC32"} if checksums else {}
+
+    def write(self, chunks: list[bytes]) -> None:
+        body = b"".join(self.hasher.take(chunks))
+        with s3_errors(f"upload a part of {self.object['Key']}"):
+            if self.upload_id is None:
+                created = self.store.client.create_multipart_upload(**self.object, **self.headers, **self.checksum)
+                self.upload_id = created["UploadId"]
+            self.send_part(body)
+
+    def commit(self, chunks: list[bytes]) -> Stored:
+        body = b"".join(self.hasher.take(chunks))
+        stored = self.hasher.stored()
+        with s3_errors(f"put {self.object['Key']}"):
+            if self.upload_id is None:
+                self.store.client.put_object(
+                    **self.object, Body=body, Metadata={"sha256": stored.sha256}, **self.headers
+                )
+                return stored
+            if body:
+                self.send_part(body)
+            self.complete(stored.size)
+        self.store.tag(self.object["Key"], stored)
+        return stored
+
+    def abort(self) -> None:
+        if self.upload_id is None:
+            return
+        with suppress(StorageError), s3_errors(f"abort the upload of {self.object['Key']}"):
+            # Left behind if this fails too: the bucket's lifecycle rule removes it (see the README).
+            self.store.client.abort_multipart_upload(**self.object, UploadId=self.upload_id)
+        self.upload_id = None
+
+    def send_part(self, body: bytes) -> None:
+        number = len(self.parts) + 1
+        sent = self.store.client.upload_part(
+            **self.object, UploadId=self.upload_id, PartNumber=number, Body=body, **self.checksum
+        )
+        self.parts.append({"PartNumber": number, "ETag": sent["ETag"]} | pick(sent, "ChecksumCRC32"))
+
+    def complete(self, size: int) -> None:
+        try:
+            self.store.completion_client.complete_multipart_upload(
+                **self.object, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+            )
+        except ClientError as error:
+            # A retry after a dropped connection finds the upload gone when the first attempt completed it.
+            if error.response.get("Error", {}).get("Code") != "NoSuchUpload" or not self.landed(size):
+                raise
+        self.upload_id = None
+
+    def landed(self, size: int) -> bool:
+        """The object is there, whole: its size, and a multipart ETag ("...-N") counting our parts."""
+        with suppress(ClientError):
+            head = self.store.client.head_object(**self.object)
+            return head["ContentLength"] == size and head["ETag"].strip('"').endswith(f"-{len(self.parts)}")
+        return False
+
+
+def pick(mapping: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: mapping[name] for name in names if name in mapping}
 
 
 @contextmanager
@@ -254,8 +345,10 @@ def storage_error(error: BotoCoreError | ClientError) -> StorageError:
 # ---------------------------------------------------------------- local disk
 
 
-class LocalStorage:
+class LocalStorage(Storage):
     """Files under one directory; links are `/files/<key>?expires=..&signature=..` on this service."""
+
+    part_bytes = LOCAL_PART_BYTES
 
     def __init__(self, root: Path, public_base_url: str, presign_ttl_seconds: int) -> None:
         self.root = root.resolve()
@@ -264,25 +357,13 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         self.signing_key = load_or_create_signing_key(self.root / ".signing-key")
 
-    def put(self, key: str, fileobj: Readable, *, content_type: str, content_disposition: str) -> Stored:
-        reader = HashingReader(fileobj)
-        data, metadata_path = self.path(key), self.path(key, METADATA_SUFFIX)
-        try:
-            data.parent.mkdir(exist_ok=True)
-            write_atomically(data, lambda out: shutil.copyfileobj(reader, out, 1024 * 1024))
-            stored = reader.stored()
-            metadata = {
-                "content_type": content_type,
-                "content_disposition": content_disposition,
-                "sha256": stored.sha256,
-            }
-            write_atomically(metadata_path, lambda out: out.write(json.dumps(metadata).encode()))
-            return stored
-        except OSError as error:
-            with suppress(OSError):
-                data.unlink(missing_ok=True)
-            log.warning("local put %s failed: %r", key, error)
-            raise StorageError(503, "storage could not write the file") from error
+    def begin(self, key: str, *, content_type: str, content_disposition: str) -> LocalUpload:
+        return LocalUpload(self, key, {"content_type": content_type, "content_disposition": content_disposition})
+
+    def delete(self, key: str) -> None:
+        with local_errors(f"delete {key}", "storage could not delete the file"):
+            self.path(key, METADATA_SUFFIX).unlink(missing_ok=True)
+            self.path(key).unlink(missing_ok=True)
 
     def link(self, key: str) -> Link:
         expires = int(time.time()) + self.presign_ttl_seconds
@@ -331,6 +412,64 @@ class LocalStorage:
         if not path.is_relative_to(self.root):
             raise StorageError(403, "link points to no file")
         return path
+
+
+class LocalUpload:
+    """Written straight into a partial file beside its final name, renamed into place on commit, so
+    that no reader ever sees half a file; its metadata (type, name, sha256) goes in a file beside it."""
+
+    def __init__(self, store: LocalStorage, key: str, metadata: dict[str, str]) -> None:
+        self.store = store
+        self.key = key
+        self.metadata = metadata
+        self.hasher = Hasher()
+        self.partial: BinaryIO | None = None
+        self.partial_path = ""
+
+    @property
+    def path(self) -> Path:
+        return self.store.path(self.key)
+
+    def write(self, chunks: list[bytes]) -> None:
+        with local_errors(f"write {self.key}", "storage could not write the file"):
+            if self.partial is None:
+                self.path.parent.mkdir(exist_ok=True)
+                handle, self.partial_path = tempfile.mkstemp(dir=self.path.parent, prefix=".partial-")
+                self.partial = os.fdopen(handle, "wb")
+            self.partial.writelines(self.hasher.take(chunks))
+
+    def commit(self, chunks: list[bytes]) -> Stored:
+        self.write(chunks)
+        assert self.partial is not None
+        stored = self.hasher.stored()
+        metadata = json.dumps(self.metadata | {"sha256": stored.sha256}).encode()
+        with local_errors(f"commit {self.key}", "storage could not write the file"):
+            self.partial.close()
+            os.replace(self.partial_path, self.path)
+            try:
+                write_atomically(self.store.path(self.key, METADATA_SUFFIX), lambda out: out.write(metadata))
+            except OSError:
+                self.path.unlink(missing_ok=True)
+                raise
+        self.partial = None
+        return stored
+
+    def abort(self) -> None:
+        if self.partial is not None:
+            self.partial.close()
+            with suppress(OSError):
+                os.unlink(self.partial_path)
+            self.partial = None
+
+
+@contextmanager
+def local_errors(action: str, detail: str) -> Iterator[None]:
+    """Turns a failure of the local disk into StorageError(503)."""
+    try:
+        yield
+    except OSError as error:
+        log.warning("local %s failed: %r", action, error)
+        raise StorageError(503, detail) from error
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:

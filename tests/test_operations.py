@@ -182,14 +182,13 @@ async def test_uploads_are_hashed_off_the_event_loop(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashed_on: dict[bool, int] = {True: 0, False: 0}
-    read = storage.HashingReader.read
+    take = storage.Hasher.take
 
-    def spy(self: storage.HashingReader, size: int = -1) -> bytes:
-        data = read(self, size)
-        hashed_on[threading.current_thread() is threading.main_thread()] += len(data)
-        return data
+    def spy(self: storage.Hasher, chunks: list[bytes]) -> list[bytes]:
+        hashed_on[threading.current_thread() is threading.main_thread()] += sum(map(len, chunks))
+        return take(self, chunks)
 
-    monkeypatch.setattr(storage.HashingReader, "read", spy)
+    monkeypatch.setattr(storage.Hasher, "take", spy)
     content = os.urandom(3 * 1024 * 1024)
     answer = (await client.post("/upload", files={"file": ("a.bin", content)})).json()
 
@@ -218,9 +217,10 @@ async def test_health_answers_while_a_render_and_a_store_are_held(
         return wait_then_work
 
     monkeypatch.setattr(gen_service, "render_png", held("render", gen_service.render_png))
-    for store in (storage.LocalStorage, storage.S3Storage):
-        monkeypatch.setattr(store, "put", held("store", store.put))
-    # More than the pipe holds, sent in pieces, so the upload is held mid-body waiting for room.
+    for upload in (storage.LocalUpload, storage.S3Upload):
+        for step in ("write", "commit"):
+            monkeypatch.setattr(upload, step, held("store", getattr(upload, step)))
+    # More than a local part, sent in pieces, so that a local upload is held mid-body storing a part.
     content = os.urandom(3 * 1024 * 1024)
     form = client.build_request("POST", "/upload", files={"file": ("a.bin", content)})
     headers = {"content-type": form.headers["content-type"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 
@@ -49,8 +50,8 @@ def link_parts(url: str) -> Link:
     return parts.path.removeprefix("/files/"), query["expires"][0], query["signature"][0]
 
 
-def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> None:
-    store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
+def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> storage.Stored:
+    return store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
 
 
 # ---------------------------------------------------------------- LocalStorage
@@ -277,41 +278,62 @@ def test_local_stores_have_different_signing_keys(tmp_path: Path) -> None:
     assert first.signing_key != second.signing_key
 
 
-class FailingReader:
-    """An upload body whose read fails part-way, as a dropped connection or a full temp disk would."""
+class FullDisk:
+    """A file on a disk that fills up after `room` bytes."""
 
-    def __init__(self) -> None:
-        self.reads = 0
+    def __init__(self, file: BinaryIO, room: int) -> None:
+        self.file = file
+        self.room = room
 
-    def read(self, size: int = -1) -> bytes:
-        self.reads += 1
-        if self.reads > 1:
-            raise OSError("read failed")
-        return b"first chunk"
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            if len(chunk) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(chunk)
+            self.file.write(chunk)
+
+    def write(self, data: bytes) -> None:
+        self.writelines([data])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> FullDisk:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
-def put_failing(local: LocalStorage, key: str) -> None:
-    local.put(key, cast(BinaryIO, FailingReader()), content_type="text/plain", content_disposition="attachment")
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local store's disk has room for 1.5 MiB more: a file's second part, or its metadata, fails."""
+    fdopen = os.fdopen
+    room = [3 * MiB // 2]
+
+    def open_on_full_disk(handle: int, mode: str) -> FullDisk:
+        disk = FullDisk(fdopen(handle, mode), room[0])
+        room[0] = 0
+        return disk
+
+    monkeypatch.setattr(os, "fdopen", open_on_full_disk)
 
 
-def test_local_failed_write_is_a_503(local: LocalStorage) -> None:
+@pytest.mark.parametrize("size", [10, 4 * MiB], ids=["metadata-fails", "data-fails"])
+def test_local_disk_full_is_a_503_leaving_nothing(local: LocalStorage, root: Path, full_disk: None, size: int) -> None:
     with pytest.raises(StorageError) as failed:
-        put_failing(local, new_key())
-    assert failed.value.status_code == 503
+        put_bytes(local, new_key(), os.urandom(size))
+    assert (failed.value.status_code, failed.value.detail) == (503, "storage could not write the file")
+    assert [path for path in root.rglob("*") if path.is_file()] == [root / ".signing-key"]
 
 
-def test_local_failed_write_leaves_no_file_or_temp_file(local: LocalStorage, root: Path) -> None:
-    key = new_key()
-    with pytest.raises(StorageError):
-        put_failing(local, key)
-    assert not (root / key).exists()
+@pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, 3 * MiB + 1])
+def test_local_put_stores_every_size_in_parts(local: LocalStorage, root: Path, size: int) -> None:
+    data, key = os.urandom(size), new_key()
+    stored = put_bytes(local, key, data)
+    assert (root / key).read_bytes() == data
+    assert stored == (size, hashlib.sha256(data).hexdigest())
     assert list(root.rglob(".partial-*")) == []
-
-
-def test_local_failed_write_leaves_no_metadata(local: LocalStorage, root: Path) -> None:
-    with pytest.raises(StorageError):
-        put_failing(local, new_key())
-    assert list((root / "uploads").iterdir()) == []
 
 
 # ---------------------------------------------------------------- S3
@@ -466,14 +488,23 @@ def test_s3_put_of_a_body_that_breaks_leaves_nothing(s3_store: S3Storage, size: 
     assert "Uploads" not in s3_store.client.list_multipart_uploads(Bucket="assets")
 
 
-def test_s3_put_that_cannot_tag_is_a_storage_error(s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_put_that_cannot_tag_stores_the_file_and_warns_once(
+    s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def refuse(**_: Any) -> None:
         raise client_error("AccessDenied", 403)
 
     monkeypatch.setattr(s3_store.client, "put_object_tagging", refuse)
-    with pytest.raises(StorageError) as refused:
-        s3_store.put(new_key(), Unseekable(os.urandom(9 * MiB)), content_type="text/plain", content_disposition="a")
-    assert (refused.value.status_code, refused.value.detail) == (502, "storage refused the request (AccessDenied)")
+    files = {new_key(): os.urandom(6 * MiB) for _ in range(3)}
+    for key, data in files.items():
+        stored = s3_store.put(key, Unseekable(data), content_type="text/plain", content_disposition="a")
+        assert stored == (len(data), hashlib.sha256(data).hexdigest())
+
+    for key, data in files.items():
+        assert s3_store.client.get_object(Bucket="assets", Key=key)["Body"].read() == data
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len([warning for warning in warnings if "no sha256 tag" in warning]) == 1
+    assert "s3:PutObjectTagging" in warnings[-1] and "AccessDenied" in warnings[-1]
 
 
 @uses_moto
