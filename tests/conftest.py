@@ -185,6 +185,13 @@ def wait_until_healthy(http: httpx.Client, server: Server) -> None:
     pytest.fail(f"server did not answer /health within {STARTUP_SECONDS} s:\n{server.log()}")
 
 
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Polls `condition` until it holds or `seconds` have passed; the caller then asserts it."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """SIGTERM, as a supervisor would, then SIGKILL if the process is still there after `timeout`."""
     if process.poll() is None:
@@ -290,3 +297,63 @@ async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
     """The body with no Content-Length (chunked): the service cannot know its size ahead."""
     for start in range(0, len(body), size):
         yield body[start : start + size]
+
+
+# ---------------------------------------------------------------- the real server on either store
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """The server's TMPDIR, where Starlette would spool uploads (the service streams them instead)."""
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def server_env() -> dict[str, str]:
+    """Settings for `server`; a test module overrides this fixture to set its own."""
+    return {}
+
+
+@pytest.fixture(params=["local", "s3"])
+def server(
+    request: pytest.FixtureRequest,
+    start_server: StartServer,
+    spool: Path,
+    data_dir: Path,
+    s3_env: dict[str, str | None],
+    server_env: dict[str, str],
+) -> Server:
+    """The real server on each store, with `server_env` and its TMPDIR in `spool`."""
+    store = s3_env if request.param == "s3" else {"LOCAL_STORAGE_DIR": str(data_dir)}
+    return start_server({**store, **server_env, "TMPDIR": str(spool)})
+
+
+def multipart_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    return [path for path in data_dir.rglob("*") if path.is_file() and path.name != ".signing-key"]
+
+
+def spool_is_released(server: Server, spool: Path) -> bool:
+    return not temp_files_held(server.process, spool) and not any(spool.iterdir())
+
+
+@pytest.fixture
+def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> Callable[[], None]:
+    """Asserts, of `server`: no object or unfinished multipart upload, no file in the store, no temporary
+    file on disk or held open, no traceback in the log."""
+
+    def check() -> None:
+        wait_until(lambda: spool_is_released(server, spool) and not multipart_uploads(s3, bucket))
+        assert temp_files_held(server.process, spool) == []
+        assert list(spool.iterdir()) == []
+        assert keys_in(s3, bucket, "") == []
+        assert multipart_uploads(s3, bucket) == []
+        assert stored_files(data_dir) == []
+        assert "Traceback" not in server.log()
+
+    return check

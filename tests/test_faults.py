@@ -17,11 +17,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
 from starlette.applications import Starlette
 
 import gen_service
-from conftest import Server, StartServer, asgi_client, keys_in, temp_files_held, upload
+from conftest import Server, asgi_client, keys_in, multipart_uploads, temp_files_held, upload, wait_until
+from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
+from raw_http import CHUNK, FORM_HEADERS, connect, form, read_answer, request_head
 from settings import Settings
 
 MiB = 1024 * 1024
@@ -115,10 +116,6 @@ def assert_stored(s3: Any, bucket: str, answer: dict[str, Any]) -> None:
     assert keys_in(s3, bucket, "") == [answer["key"]]
     stored = s3.get_object(Bucket=bucket, Key=answer["key"])["Body"].read()
     assert (len(stored), hashlib.sha256(stored).hexdigest()) == (answer["size"], answer["sha256"])
-
-
-def multipart_uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:
-    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
 OUTAGES = [
@@ -299,35 +296,6 @@ async def test_s3_refusal_is_502_naming_only_the_code(
 # Past the multipart threshold: when such a client leaves, S3 has an upload in progress.
 LEFT_BYTES = 7 * MiB
 MAX_UPLOAD_BYTES = 12 * MiB
-BOUNDARY = "fault-boundary"
-FORM_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-SOCKET_TIMEOUT = 10
-CHUNK = 64 * 1024
-
-
-def form(data: bytes) -> bytes:
-    """A multipart body with `data` as the file part."""
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
-    return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-def request_head(path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{name}: {value}" for name, value in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def read_answer(connection: socket.socket) -> tuple[str, bytes]:
-    """The first status line the server sends, and the body after it (by its Content-Length)."""
-    raw = b""
-    while b"\r\n\r\n" not in raw and (data := connection.recv(CHUNK)):
-        raw += data
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length and (data := connection.recv(CHUNK)):
-        body += data
-    return status_line, body
 
 
 def overstated_length(connection: socket.socket) -> str:
@@ -375,61 +343,9 @@ def continue_over_limit(connection: socket.socket) -> tuple[str, bytes]:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    """The server's TMPDIR, where Starlette would spool uploads (the service streams them instead)."""
-    path = tmp_path / "spool"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture(params=["local", "s3"])
-def server(
-    request: pytest.FixtureRequest,
-    start_server: StartServer,
-    spool: Path,
-    data_dir: Path,
-    s3_env: dict[str, str | None],
-) -> Server:
-    """The real server on each store, with a small MAX_UPLOAD_BYTES and its TMPDIR in `spool`."""
-    store = s3_env if request.param == "s3" else {"LOCAL_STORAGE_DIR": str(data_dir)}
-    return start_server({**store, "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "TMPDIR": str(spool)})
-
-
-def connect(server: Server) -> socket.socket:
-    connection = socket.create_connection(("127.0.0.1", urlsplit(server.base_url).port or 80), SOCKET_TIMEOUT)
-    connection.settimeout(SOCKET_TIMEOUT)
-    return connection
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def stored_files(data_dir: Path) -> list[Path]:
-    return [path for path in data_dir.rglob("*") if path.is_file() and path.name != ".signing-key"]
-
-
-def spool_is_released(server: Server, spool: Path) -> bool:
-    return not temp_files_held(server.process, spool) and not any(spool.iterdir())
-
-
-@pytest.fixture
-def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bucket: str) -> Callable[[], None]:
-    """Asserts, of `server`: no object or unfinished multipart upload, no file in the store, no temporary
-    file on disk or held open, no traceback in the log."""
-
-    def check() -> None:
-        wait_until(lambda: spool_is_released(server, spool) and not multipart_uploads(s3, bucket))
-        assert temp_files_held(server.process, spool) == []
-        assert list(spool.iterdir()) == []
-        assert keys_in(s3, bucket, "") == []
-        assert multipart_uploads(s3, bucket) == []
-        assert stored_files(data_dir) == []
-        assert "Traceback" not in server.log()
-
-    return check
+def server_env() -> dict[str, str]:
+    """A small MAX_UPLOAD_BYTES for the client-fault tests' server."""
+    return {"MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
 
 
 @pytest.mark.parametrize("fault", [overstated_length, short_json, half_closed])
