@@ -1,6 +1,9 @@
-"""Bounds on what a request body may cost us: its size, checked before and while it is read."""
+"""Bounds on what a request body may cost us: its size, checked before and while it is read, and the time
+it may keep us waiting for its next byte."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -45,3 +48,33 @@ class BodyLimit:
 
     def too_large(self) -> HTTPException:
         return HTTPException(413, self.detail)
+
+
+class BodyTimeout:
+    """Ends a request whose body stops arriving: when no byte of it comes for `seconds`, the caller gets
+    408 (if it still reads) and the connection is closed. Only the wait for the client counts, not time
+    the app spends elsewhere between reads (storing a part, waiting for an upload slot). uvicorn has no
+    such timeout: a body that stops arriving would otherwise hold its request forever."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_complete = False
+
+        async def receive_in_time() -> Message:
+            nonlocal body_complete
+            if body_complete:  # from here on, a receive waits for a disconnect, which may take any time
+                return await receive()
+            try:
+                async with asyncio.timeout(self.seconds):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, "request body timed out", headers={"Connection": "close"}) from None
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_in_time, send)

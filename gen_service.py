@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, MalformedRangeHeader, RangeNotSatisfiable, Response
 from starlette.routing import Route
 
-from body_limits import BodyLimit, file_too_large
+from body_limits import BodyLimit, BodyTimeout, file_too_large
 from errors import EXCEPTION_HANDLERS, InternalErrors
 from logs import RequestContext, logging_config
 from render import render_png
@@ -267,7 +267,11 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app = Starlette(
         routes=routes,
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestContext), Middleware(InternalErrors)],
+        middleware=[
+            Middleware(RequestContext),
+            Middleware(InternalErrors),
+            Middleware(BodyTimeout, seconds=settings.client_body_timeout_seconds),
+        ],
     )
     app.state.settings = settings
     app.state.storage = storage

@@ -106,8 +106,11 @@ def app_factory() -> Callable[..., Starlette]:
     return make
 
 
-async def asgi_client(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+async def asgi_client(app: Starlette, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    """A client of the app in process; with `raise_app_exceptions=False`, an unexpected error comes back
+    as the 500 a caller would get instead of as an exception in the test."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture

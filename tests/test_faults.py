@@ -17,9 +17,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from botocore.exceptions import CredentialRetrievalError
 from starlette.applications import Starlette
 
 import gen_service
+import storage
 from conftest import Server, asgi_client, keys_in, multipart_uploads, temp_files_held, upload, wait_until
 from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
 from raw_http import CHUNK, FORM_HEADERS, connect, form, read_answer, request_head
@@ -408,3 +410,62 @@ def test_upload_is_stored_while_it_arrives_and_never_spooled(
     assert status_line == "HTTP/1.1 200 OK"
     assert json.loads(answer)["sha256"] == hashlib.sha256(data).hexdigest()
     assert list(spool.iterdir()) == []
+
+
+# ---------------------------------------------------------------- failing after the file is stored
+
+
+def stored_anything(app: Starlette, s3: Any) -> bool:
+    store = app.state.storage
+    if isinstance(store, storage.S3Storage):
+        return bool(keys_in(s3, store.bucket, ""))
+    return any(path.is_file() and path.name != ".signing-key" for path in store.root.rglob("*"))
+
+
+def credentials_lost() -> None:
+    # What a task role's credentials do when their refresh fails after the put went through.
+    raise CredentialRetrievalError(provider="container-role", error_msg="connection refused")
+
+
+@pytest.mark.parametrize("path", CALLS)
+async def test_presigning_that_fails_after_the_put_leaves_nothing(
+    s3_settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    app = gen_service.create_app(s3_settings)
+    monkeypatch.setattr(app.state.storage.client, "_get_credentials", credentials_lost)
+    async with await asgi_client(app) as client:
+        response = await post(client, path)
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "storage failed (CredentialRetrievalError)"}
+    assert not stored_anything(app, s3)
+
+
+@pytest.mark.parametrize("path", CALLS)
+@pytest.mark.parametrize("removal", ["works", "fails"])
+async def test_any_failure_to_link_a_stored_file_leaves_nothing_or_says_so(
+    backend_settings: Settings,
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    removal: str,
+) -> None:
+    app = gen_service.create_app(backend_settings)
+    store = type(app.state.storage)
+
+    def fails(self: storage.Storage, key: str) -> None:
+        raise RuntimeError("an unexpected failure")
+
+    monkeypatch.setattr(store, "link", fails)
+    if removal == "fails":
+        monkeypatch.setattr(store, "delete", fails)
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
+        response = await post(client, path)
+
+    assert (response.status_code, response.json()) == (500, {"detail": "internal server error"})
+    removal_failed = [record for record in caplog.records if "could not remove" in record.getMessage()]
+    if removal == "works":
+        assert not stored_anything(app, s3) and removal_failed == []
+    else:
+        assert stored_anything(app, s3) and len(removal_failed) == 1
