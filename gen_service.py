@@ -35,15 +35,7 @@ from errors import EXCEPTION_HANDLERS, InternalErrors
 from logs import RequestContext, logging_config
 from render import render_png
 from settings import Settings, read_settings
-from storage import (
-    COMPLETE_READ_TIMEOUT_SECONDS,
-    LocalStorage,
-    S3Storage,
-    Storage,
-    StorageError,
-    Stored,
-    make_s3_client,
-)
+from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser
 
 log = logging.getLogger("gen_service")
@@ -66,17 +58,15 @@ def make_storage(settings: Settings) -> Storage:
         if settings.public_base_url is None and settings.host in ("0.0.0.0", "::"):
             log.warning("links will point at %s, which clients cannot open: set PUBLIC_BASE_URL", base_url)
         return LocalStorage(settings.local_storage_dir, base_url, settings.presign_ttl_seconds)
-    client, completion_client = (
-        make_s3_client(
-            region=settings.s3_region,
-            endpoint_url=settings.s3_endpoint_url,
-            connect_timeout=settings.s3_connect_timeout_seconds,
-            read_timeout=read_timeout,
-            checksums=settings.s3_checksums,
-        )
-        for read_timeout in (settings.s3_read_timeout_seconds, COMPLETE_READ_TIMEOUT_SECONDS)
+    return make_s3_storage(
+        settings.s3_bucket,
+        settings.presign_ttl_seconds,
+        region=settings.s3_region,
+        endpoint_url=settings.s3_endpoint_url,
+        connect_timeout=settings.s3_connect_timeout_seconds,
+        read_timeout=settings.s3_read_timeout_seconds,
+        checksums=settings.s3_checksums,
     )
-    return S3Storage(client, settings.s3_bucket, settings.presign_ttl_seconds, completion_client)
 
 
 # ---------------------------------------------------------------- request checks
