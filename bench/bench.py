@@ -291,6 +291,62 @@ def upload_run(running: Running, s3: object, small: Path, large: Path, direct_fi
     }
 
 
+# ---------------------------------------------------------------- a full house of uploads
+
+FULL_HOUSE = 32  # MAX_CONCURRENT_UPLOADS for this run (the default)
+
+
+def current_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
+
+
+async def concurrent_uploads(base_url: str, path: Path, count: int) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=httpx.Limits(max_connections=count)) as client:
+
+        async def one() -> None:
+            with path.open("rb") as file:
+                files = {"file": (path.name, file, "application/octet-stream")}
+                (await client.post("/upload", files=files)).raise_for_status()
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def stalled_clients_rss_mb(running: Running, count: int, sent_bytes: int) -> float:
+    """What `count` uploads that send their head and `sent_bytes` of the file, then stop, add to RSS."""
+    before = current_rss_mb(running.pid)
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="stalled.bin"\r\n\r\n' + os.urandom(
+        sent_bytes
+    )
+    request = (
+        f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(head) + 20 * MiB}\r\n\r\n"
+    ).encode() + head
+    connections = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(count)]
+    try:
+        for connection in connections:
+            connection.sendall(request)
+        time.sleep(2)  # for the service to read what they sent; nothing marks that from outside
+        return current_rss_mb(running.pid) - before
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def full_house_run(running: Running, s3: object, small: Path, part_file: Path) -> dict[str, float]:
+    """FULL_HOUSE + 8 uploads at once, more than the slots, each of several parts: what the most that
+    uploads can hold costs, per slot. (A fresh service, whose heap has no room freed by earlier work.)"""
+    post_file(running, small)
+    small_peak = peak_rss_mb(running.pid)
+    asyncio.run(concurrent_uploads(running.base_url, part_file, FULL_HOUSE + 8))
+    growth = peak_rss_mb(running.pid) - small_peak
+    empty_bucket(s3)
+    return {
+        "peak_rss_growth_mb": growth,
+        "per_upload_mb": growth / FULL_HOUSE,
+    }
+
+
 # ---------------------------------------------------------------- generate and health
 
 
@@ -416,7 +472,7 @@ def row(name: str, value: float, shown: str, limit: float | None = None, note: s
 
 
 def table_rows(figures: dict[str, dict[str, float]], upload_mb: int) -> list[Row]:
-    up, gen, health = figures["upload"], figures["generate"], figures["health"]
+    up, gen, health, house = figures["upload"], figures["generate"], figures["health"], figures["full_house"]
     return [
         row(f"upload {upload_mb} MiB: time / direct boto3", up["ratio"], "{:.2f}x", 1.15, "(stretch 1.05x)"),
         row("upload: through the service", up["service_seconds"], "{:.1f} s"),
@@ -428,6 +484,9 @@ def table_rows(figures: dict[str, dict[str, float]], upload_mb: int) -> list[Row
         row("upload: service CPU per GiB", up["cpu_seconds_per_gb"], "{:.2f} s", 2.5),
         row("upload: of which while receiving the body", up["cpu_seconds_per_gb_receiving"], "{:.2f} s"),
         row("upload: bytes written to temporary disk", up["temp_disk_bytes"] / MiB, "{:.0f} MiB", note="stretch: 0"),
+        row(f"uploads: peak RSS, {FULL_HOUSE + 8} at once over 1 MiB", house["peak_rss_growth_mb"], "{:.0f} MB"),
+        row(f"uploads: the same per slot ({FULL_HOUSE} slots)", house["per_upload_mb"], "{:.1f} MB"),
+        row("uploads: 100 stalled after 100 KB, RSS", house["stalled_100_rss_mb"], "{:.0f} MB"),
         row("generate: service CPU per request", gen["service_cpu_ms"], "{:.1f} ms", gen["render_cpu_ms"] + 2),
         row("generate: render_png alone (target: + 2 ms)", gen["render_cpu_ms"], "{:.1f} ms"),
         row("generate: latency p50 at concurrency 8", gen["p50_ms"], "{:.0f} ms"),
@@ -467,13 +526,26 @@ def measure(runs: int, upload_bytes: int, *, quick: bool, use_wrk: bool) -> dict
                 with start() as running:  # a fresh process per run: see upload_run
                     uploads.append(upload_run(running, s3, small, large, direct_first=run % 2 == 0))
                 print(f"upload run {run + 1}: {uploads[-1]['ratio']:.2f}x", file=sys.stderr)
+            part_file = make_file(workdir / "parts.bin", 24 * MiB if quick else 48 * MiB)
+            houses = []
+            for _ in range(runs):
+                with start() as running:
+                    stalled = stalled_clients_rss_mb(running, 100, 100_000)
+                with start() as running:
+                    houses.append({**full_house_run(running, s3, small, part_file), "stalled_100_rss_mb": stalled})
             with start() as running:
                 generate_run(running, 16, run=-1)  # warm-up: fonts, threads, connections
                 asyncio.run(health_load(running.port, 512, concurrency=16))
                 generates = [generate_run(running, generate_requests, run) for run in range(runs)]
                 healths = [health_run(running, health_requests, use_wrk) for _ in range(runs)]
             empty_bucket(s3)
-    return {"upload": uploads, "generate": generates, "health": healths, "startup": startups}
+    return {
+        "upload": uploads,
+        "full_house": houses,
+        "generate": generates,
+        "health": healths,
+        "startup": startups,
+    }
 
 
 def main() -> None:
@@ -493,7 +565,7 @@ def main() -> None:
     os.environ.update(FAKE_AWS)
     load_before = os.getloadavg()
     runs = measure(args.runs, args.upload_mb * MiB, quick=args.quick, use_wrk=use_wrk)
-    figures = {phase: median_of(runs[phase]) for phase in ("upload", "generate", "health", "startup")}
+    figures = {phase: median_of(phase_runs) for phase, phase_runs in runs.items()}
     rows = table_rows(figures, args.upload_mb)
     print_table(rows)
     health_client = "wrk" if use_wrk else "python"
