@@ -77,6 +77,8 @@ class UploadStream:
         try:
             if self.step is not None:
                 await asyncio.wait([self.step])
+                # Taken even when unused, or asyncio would log it as an exception nobody retrieved.
+                _ = self.step.cancelled() or self.step.exception()
             if self.started:
                 await to_thread.run_sync(self.upload.abort)
         finally:
@@ -109,11 +111,12 @@ class UploadStream:
             self.idle_check = None
 
     def check_idle(self) -> None:
-        """Runs every IDLE_SECONDS while a slot is held: one timer per upload, not one per chunk."""
-        idle_since = self.last_chunk_at + IDLE_SECONDS
+        """Runs while a slot is held, about once a second: one timer per upload, not one per chunk."""
+        quiet_long_enough_at = self.last_chunk_at + IDLE_SECONDS
         storing = self.step is not None and not self.step.done()
-        if self.adding or storing or idle_since > self.loop.time():
-            self.idle_check = self.loop.call_at(max(idle_since, self.loop.time() + IDLE_SECONDS / 4), self.check_idle)
+        if self.adding or storing or quiet_long_enough_at > self.loop.time():
+            next_check = max(quiet_long_enough_at, self.loop.time() + IDLE_SECONDS / 4)
+            self.idle_check = self.loop.call_at(next_check, self.check_idle)
         else:
             self.idle_check = None
             self.give_slot_back()
