@@ -24,7 +24,9 @@ from body_limits import file_too_large
 from storage import Stored
 from upload_stream import UploadStream
 
-CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+(\s*;[ -~]*)?", re.ASCII)
+# type/subtype, then parameters with spaces and tabs as the only blanks: the multipart parser keeps a bare
+# LF, VT or FF in a header value, and no download could carry such a type back.
+CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+([ \t]*;[\t -~]*)?", re.ASCII)
 MAX_FILENAME_CHARS = 255
 # Marks that reorder how a name displays ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -91,7 +93,8 @@ class StoringMultiPartParser(MultiPartParser):
             return
         if part.field_name != "file":
             raise HTTPException(422, "file is required")
-        self.content_type = part.file.content_type or self.content_type
+        # Blanks around a header value are not part of it (RFC 9110), and a download would not carry them.
+        self.content_type = (part.file.content_type or "").strip(" \t") or self.content_type
         if not CONTENT_TYPE.fullmatch(self.content_type):
             raise HTTPException(422, "file has an invalid Content-Type")
         self.filename = clean_filename(part.file.filename)

@@ -22,6 +22,7 @@ import pytest
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
 from settings import Settings
@@ -106,10 +107,31 @@ def app_factory() -> Callable[..., Starlette]:
     return make
 
 
+# What RFC 9110 allows in a header value; uvicorn refuses a response start with anything else.
+FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+def as_servers_send(app: ASGIApp) -> ASGIApp:
+    """The app, its response headers checked as a real server checks them (httpx's ASGI transport does not)."""
+
+    async def checked(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_checked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                for _, value in message.get("headers", []):
+                    if not FIELD_VALUE.fullmatch(value):
+                        raise RuntimeError(f"invalid HTTP header value {value!r}")
+            await send(message)
+
+        await app(scope, receive, send_checked)
+
+    return checked
+
+
 async def asgi_client(app: Starlette, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
-    """A client of the app in process; with `raise_app_exceptions=False`, an unexpected error comes back
-    as the 500 a caller would get instead of as an exception in the test."""
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    """A client of the app in process, whose response headers are checked as a server would; with
+    `raise_app_exceptions=False`, an unexpected error comes back as the 500 a caller would get instead of
+    as an exception in the test."""
+    transport = httpx.ASGITransport(app=as_servers_send(app), raise_app_exceptions=raise_app_exceptions)
     return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
