@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -54,5 +55,8 @@ class InternalErrors:
             await self.app(scope, receive, send_noting_start)
         except Exception:
             if not started:
-                await JSONResponse({"detail": "internal server error"}, 500)(scope, receive, send)
+                # A server that refused a start may take no other (uvicorn does not): then nothing can be
+                # answered, and its refusal of this one would only bury the error that matters.
+                with suppress(RuntimeError):
+                    await JSONResponse({"detail": "internal server error"}, 500)(scope, receive, send)
             raise

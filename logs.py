@@ -88,11 +88,13 @@ class RequestContext:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response["status"] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.get().encode())]
+            await send(message)
+            # Noted once sent: a start the server refused (a header it will not write) answered nobody.
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 response["bytes"] += len(message.get("body", b""))
-            await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
 from settings import Settings
+from storage import LocalStorage
 
 Download = Callable[[str], Awaitable[httpx.Response]]
 
@@ -382,3 +384,10 @@ def assert_nothing_left(server: Server, spool: Path, data_dir: Path, s3: Any, bu
         assert "Traceback" not in server.log()
 
     return check
+
+
+def stored_before_types_were_checked(store: LocalStorage) -> str:
+    """The link to a file whose Content-Type (a bare LF in it) no server will write in a header."""
+    key = f"uploads/{'0' * 32}"
+    store.put(key, io.BytesIO(b"old"), content_type="text/plain\n;x", content_disposition="attachment")
+    return store.link(key).url

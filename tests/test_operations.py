@@ -21,7 +21,7 @@ from botocore.credentials import RefreshableCredentials
 import gen_service
 import logs
 import storage
-from conftest import Download, asgi_client, in_chunks
+from conftest import Download, as_servers_send, asgi_client, in_chunks, stored_before_types_were_checked
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -152,6 +152,23 @@ async def test_one_access_line_per_request_without_the_query(
     assert download["duration_ms"] >= 0
     assert lines[1].request_id == "dl-1"  # type: ignore[attr-defined]
     assert not any("signature" in record.getMessage() or "X-Amz" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_start_the_server_refuses_is_answered_json_500_and_logged_as_such(
+    local_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gen_service.access")
+    app = gen_service.create_app(local_settings)
+    url = stored_before_types_were_checked(app.state.storage)
+    # A server that refuses the start and then takes another, as the ASGI spec allows.
+    transport = httpx.ASGITransport(app=as_servers_send(app), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get(url, headers={"X-Request-ID": "refused-1"})
+
+    assert (response.status_code, response.json()) == (500, {"detail": "internal server error"})
+    assert response.headers["x-request-id"] == "refused-1"
+    [line] = [record for record in caplog.records if record.name == "gen_service.access"]
+    assert (line.fields["status"], line.fields["bytes"]) == (500, len(response.content))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- integrity

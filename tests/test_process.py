@@ -8,15 +8,38 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Server, StartServer, upload
+from conftest import Server, StartServer, stored_before_types_were_checked, upload
+from storage import LocalStorage
+
+# Access lines are written once their response is sent: a test waits for them, up to this long.
+LOG_WAIT_SECONDS = 10
 
 
 def lines_of(server: Server) -> list[str]:
     return [line for line in server.log().splitlines() if line.strip()]
+
+
+def json_lines(server: Server) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines_of(server)]  # fails on any line that is not JSON
+
+
+def access_entries(server: Server) -> list[dict[str, Any]]:
+    return [entry for entry in json_lines(server) if entry["logger"] == "gen_service.access"]
+
+
+def wait_for_access(server: Server, count: int) -> list[dict[str, Any]]:
+    """The access lines of a server logging JSON, once there are at least `count` of them."""
+    deadline = time.monotonic() + LOG_WAIT_SECONDS
+    while len(entries := access_entries(server)) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} access lines after {LOG_WAIT_SECONDS} s:\n{server.log()}")
+        time.sleep(0.05)
+    return entries
 
 
 def test_json_logs_are_one_object_per_line(start_server: StartServer, http: httpx.Client, data_dir: Path) -> None:
@@ -24,18 +47,32 @@ def test_json_logs_are_one_object_per_line(start_server: StartServer, http: http
     url = upload(http, server, b"logged")["url"]
     http.get(url, headers={"X-Request-ID": "ws-7", "X-Amzn-Trace-Id": "Root=1-abc"})
     http.get(f"{server.base_url}/nowhere")
-    time.sleep(0.2)  # the access line is written after the response
 
-    entries = [json.loads(line) for line in lines_of(server)]  # fails on any line that is not JSON
+    access = wait_for_access(server, 3)
+    entries = json_lines(server)
     assert all({"time", "level", "logger", "message", "request_id"} <= entry.keys() for entry in entries)
     assert any(entry["logger"] == "uvicorn.error" and "Started server process" in entry["message"] for entry in entries)
-    access = [entry for entry in entries if entry["logger"] == "gen_service.access"]
     download = next(entry for entry in access if entry["request_id"] == "ws-7")
     assert download["method"] == "GET" and download["status"] == 200 and download["bytes"] == len(b"logged")
     assert download["trace_id"] == "Root=1-abc" and download["duration_ms"] >= 0
     # upload, download, 404 (each line is written once its response is sent, so the order may vary)
     assert sorted(entry["status"] for entry in access) == [200, 200, 404]
     assert "signature=" not in server.log()
+
+
+def test_an_answer_the_server_refuses_is_not_logged_as_sent(
+    start_server: StartServer, http: httpx.Client, data_dir: Path
+) -> None:
+    server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "LOG_FORMAT": "json"})
+    url = stored_before_types_were_checked(LocalStorage(data_dir, server.base_url, 60))
+
+    with pytest.raises(httpx.RemoteProtocolError):  # uvicorn refuses the header, and then any answer
+        http.get(url, headers={"X-Request-ID": "refused-1"})
+
+    [entry] = wait_for_access(server, 1)
+    assert (entry["request_id"], entry["status"], entry["bytes"]) == ("refused-1", 0, 0)
+    [traceback] = [entry["exception"] for entry in json_lines(server) if "exception" in entry]
+    assert "Invalid HTTP header value" in traceback and "Expected ASGI message" not in traceback
 
 
 def test_log_level_hides_access_lines(start_server: StartServer, http: httpx.Client, data_dir: Path) -> None:
