@@ -30,14 +30,14 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": f"{__name__}.RequestIdFilter"}},
+        "filters": {"line": {"()": f"{__name__}.LineFilter"}},
         "formatters": {"default": formatter},
         "handlers": {
             "stdout": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stdout",
                 "formatter": "default",
-                "filters": ["request_id"],
+                "filters": ["line"],
             }
         },
         "root": {"handlers": ["stdout"], "level": level},
@@ -45,10 +45,23 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
     }
 
 
-class RequestIdFilter(logging.Filter):
+class LineFilter(logging.Filter):
+    """What every log line gets: the request id, and its message with what is not printable escaped, so
+    that a caller's value in it (a path is logged percent-decoded) cannot start a line of its own."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = printable(message), None
         return True
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (line breaks, other controls) written as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in text)
 
 
 class JSONFormatter(logging.Formatter):
@@ -105,14 +118,14 @@ class RequestContext:
 
 def log_access(scope: Scope, headers: Headers, response: dict[str, int], seconds: float) -> None:
     fields = {
-        "method": scope["method"],
-        "path": scope["path"],
+        "method": printable(scope["method"]),
+        "path": printable(scope["path"]),
         "status": response["status"],
         "duration_ms": round(seconds * 1000, 2),
         "bytes": response["bytes"],
     }
     if trace_id := headers.get("x-amzn-trace-id"):
-        fields["trace_id"] = trace_id
+        fields["trace_id"] = printable(trace_id)
     access_log.info(
         "%s %s %s %sms %sB",
         *(fields[name] for name in ("method", "path", "status", "duration_ms", "bytes")),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -32,14 +35,20 @@ def access_entries(server: Server) -> list[dict[str, Any]]:
     return [entry for entry in json_lines(server) if entry["logger"] == "gen_service.access"]
 
 
+def wait_for_log(server: Server, shows: Callable[[str], bool]) -> str:
+    """The server's log, once it `shows` what the test waits for."""
+    deadline = time.monotonic() + LOG_WAIT_SECONDS
+    while not shows(log := server.log()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the log did not show it within {LOG_WAIT_SECONDS} s:\n{log}")
+        time.sleep(0.05)
+    return log
+
+
 def wait_for_access(server: Server, count: int) -> list[dict[str, Any]]:
     """The access lines of a server logging JSON, once there are at least `count` of them."""
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    while len(entries := access_entries(server)) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"fewer than {count} access lines after {LOG_WAIT_SECONDS} s:\n{server.log()}")
-        time.sleep(0.05)
-    return entries
+    wait_for_log(server, lambda _: len(access_entries(server)) >= count)
+    return access_entries(server)
 
 
 def test_json_logs_are_one_object_per_line(start_server: StartServer, http: httpx.Client, data_dir: Path) -> None:
@@ -73,6 +82,38 @@ def test_an_answer_the_server_refuses_is_not_logged_as_sent(
     assert (entry["request_id"], entry["status"], entry["bytes"]) == ("refused-1", 0, 0)
     [traceback] = [entry["exception"] for entry in json_lines(server) if "exception" in entry]
     assert "Invalid HTTP header value" in traceback and "Expected ASGI message" not in traceback
+
+
+FORGED = "2026-12-02 00:00:00,000 INFO gen_service.access [admin] POST /upload 200 FORGED"
+TEXT_ACCESS_LINE = r"[-0-9]+ [:,0-9]+ INFO gen_service\.access \[[0-9a-f]{32}\] "
+# Percent-encoded, uvicorn decodes them into the path; as a header's obs-text, Starlette reads NEL as is.
+BREAKS = ["%0A", "%0D", "%0B", "%0C", "%1B[2K", "%C2%85", "%E2%80%A8", "%E2%80%A9"]
+
+
+def send_raw(server: Server, request: bytes) -> bytes:
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        return connection.makefile("rb").read()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_callers_value_can_forge_a_log_line(start_server: StartServer, data_dir: Path, log_format: str) -> None:
+    server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "LOG_FORMAT": log_format})
+    path = "/x" + "".join(f"{line_break}{quote(FORGED)}" for line_break in BREAKS)
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Amzn-Trace-Id: Root=1\x85{FORGED}\r\n\r\n"
+    assert send_raw(server, head.encode("latin-1")).startswith(b"HTTP/1.1 404")
+
+    log = wait_for_log(server, lambda log: "FORGED" in log)
+    [line] = [line for line in log.splitlines() if "FORGED" in line]  # every line break a viewer may honour
+    assert line.isprintable()
+    if log_format == "json":
+        entry = json.loads(line)
+        assert all(str(value).isprintable() for value in entry.values())
+        assert entry["path"].startswith("/x\\n2026-12-02 00:00:00,000 INFO") and entry["method"] == "GET"
+        assert entry["trace_id"] == "Root=1\\x85" + FORGED
+    else:
+        assert re.match(TEXT_ACCESS_LINE + re.escape("GET /x\\n" + FORGED), line)
 
 
 def test_log_level_hides_access_lines(start_server: StartServer, http: httpx.Client, data_dir: Path) -> None:
