@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from contextlib import suppress
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage import StorageError
@@ -31,6 +32,30 @@ async def client_disconnected(request: Request, exc: Exception) -> None:
 
 
 EXCEPTION_HANDLERS = {HTTPException: http_error, StorageError: storage_error, ClientDisconnect: client_disconnected}
+
+# What FileResponse answers, in plain text, to a Range it cannot serve.
+RANGE_ERRORS = {400: "Range header is malformed", 416: "requested range is not satisfiable"}
+
+
+class FileWithJSONErrors(FileResponse):
+    """Starlette's FileResponse, which decides when a Range is served (with an If-Range that no longer
+    matches the file, RFC 9110 has the Range ignored and the whole file sent), with its answers to a Range
+    it cannot serve in JSON like every other error. A 416 keeps its Content-Range (`bytes */<size>`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        replaced = False
+
+        async def send_in_json(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] in RANGE_ERRORS:
+                replaced = True
+                status, content_range = message["status"], Headers(raw=message["headers"]).get("content-range")
+                kept = {"Content-Range": content_range} if content_range else None
+                await JSONResponse({"detail": RANGE_ERRORS[status]}, status, headers=kept)(scope, receive, send)
+            elif not replaced:  # the plain-text body of a replaced answer is dropped
+                await send(message)
+
+        await super().__call__(scope, receive, send_in_json)
 
 
 class InternalErrors:

@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, MalformedRangeHeader, RangeNotSatisfiable, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from body_limits import BodyLimit, BodyTimeout, file_too_large
-from errors import EXCEPTION_HANDLERS, InternalErrors
+from errors import EXCEPTION_HANDLERS, FileWithJSONErrors, InternalErrors
 from logs import RequestContext, logging_config
 from render import render_png
 from settings import Settings, read_settings
@@ -211,28 +211,19 @@ async def openapi(request: Request) -> Response:
     return Response(OPENAPI_DOCUMENT, media_type="application/json")
 
 
-async def download(request: Request) -> FileResponse:
+async def download(request: Request) -> FileWithJSONErrors:
     """Serves the local store's signed links (this route exists only with the local store)."""
     query = request.query_params
     path, metadata = await run_in_threadpool(
         request.app.state.storage.open, request.path_params["key"], query.get("expires", ""), query.get("signature", "")
     )
-    if (requested := request.headers.get("range")) is not None:
-        # FileResponse would answer a bad range in plain text; checked here with its own parser.
-        try:
-            FileResponse._parse_range_header(requested, path.stat().st_size)
-        except MalformedRangeHeader as error:
-            raise HTTPException(400, error.content) from None
-        except RangeNotSatisfiable as error:
-            content_range = {"Content-Range": f"bytes */{error.max_size}"}
-            raise HTTPException(416, "requested range is not satisfiable", headers=content_range) from None
     headers = {
         # A header, not `media_type`, which would add "; charset=utf-8" to a text type: a claim about bytes unseen.
         "Content-Type": metadata["content_type"],
         "Content-Disposition": metadata["content_disposition"],
         "X-Content-Type-Options": "nosniff",
     }
-    return FileResponse(path, headers=headers)
+    return FileWithJSONErrors(path, headers=headers)
 
 
 # ---------------------------------------------------------------- app

@@ -147,29 +147,69 @@ def test_the_app_does_what_its_document_says(case: schemathesis.Case, app: Starl
     case.call_and_validate(app=app, checks=CHECKS)
 
 
+RANGE_ERRORS = {400: "Range header is malformed", 416: "requested range is not satisfiable"}
+
+
+def header(response: Any, name: str) -> str | None:
+    """A header of a response schemathesis made, which holds each as a list."""
+    [value] = response.headers.get(name, [None])
+    return value
+
+
 @pytest.mark.parametrize(
-    ("range_header", "status"),
+    ("range_header", "if_range", "status", "content", "content_range"),
     [
-        (None, 200),
-        ("bytes=0-1", 206),
-        ("bytes=2-", 206),
-        pytest.param("bytes=100-200", 416),
-        pytest.param("bytes=abc", 400),
+        (None, None, 200, b"data", None),
+        ("bytes=0-1", None, 206, b"da", "bytes 0-1/4"),
+        ("bytes=2-", None, 206, b"ta", "bytes 2-3/4"),
+        ("bytes=-3", None, 206, b"ata", "bytes 1-3/4"),
+        ("bytes=100-200", None, 416, None, "bytes */4"),
+        ("bytes=abc", None, 400, None, None),
+        # RFC 9110: the Range is served only while the file is the one If-Range names (a strong validator);
+        # otherwise it is ignored, even when it is malformed or unsatisfiable, and the whole file is sent.
+        ("bytes=0-1", "{etag}", 206, b"da", "bytes 0-1/4"),
+        ("bytes=0-1", "{last-modified}", 206, b"da", "bytes 0-1/4"),
+        ("bytes=0-1", '"another"', 200, b"data", None),
+        ("bytes=0-1", "W/{etag}", 200, b"data", None),
+        ("bytes=100-200", '"another"', 200, b"data", None),
+        ("bytes=abc", '"another"', 200, b"data", None),
+        ("bytes=100-200", "{etag}", 416, None, "bytes */4"),
+        (None, '"another"', 200, b"data", None),
     ],
 )
-def test_a_real_download_matches_the_document(local_app: Starlette, range_header: str | None, status: int) -> None:
+def test_a_real_download_matches_the_document(
+    local_app: Starlette,
+    range_header: str | None,
+    if_range: str | None,
+    status: int,
+    content: bytes | None,
+    content_range: str | None,
+) -> None:
     # Random links only ever reach the 403, so this follows a link the service made.
     upload = schema["/upload"]["POST"].Case(body={"file": b"data"}, media_type="multipart/form-data")  # type: ignore[dict-item]
     url = urlsplit(upload.call_and_validate(app=local_app, checks=CHECKS).json()["url"])
     query = {name: value for name, value in (pair.split("=") for pair in url.query.split("&"))}
-    headers = {"Range": range_header} if range_header else {}
-    download = schema["/files/{key}"]["GET"].Case(
-        path_parameters={"key": url.path.removeprefix("/files/")}, query=query, headers=headers
-    )
 
-    response = download.call_and_validate(app=local_app, checks=CHECKS)
+    def download(headers: dict[str, str]) -> Any:
+        case = schema["/files/{key}"]["GET"].Case(
+            path_parameters={"key": url.path.removeprefix("/files/")}, query=query, headers=headers
+        )
+        return case.call_and_validate(app=local_app, checks=CHECKS)
+
+    whole = download({})
+    validators = {name: header(whole, name) for name in ("etag", "last-modified")}
+    headers = {"Range": range_header} if range_header else {}
+    if if_range:
+        headers["If-Range"] = if_range.format_map(validators)
+
+    response = download(headers)
 
     assert response.status_code == status
+    assert header(response, "content-range") == content_range
+    if content is None:
+        assert response.json() == {"detail": RANGE_ERRORS[status]}
+    else:
+        assert response.content == content
 
 
 @pytest.mark.anyio
