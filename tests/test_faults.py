@@ -3,11 +3,13 @@ each ends in a JSON answer within a known time, with nothing stored, nothing lef
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -149,15 +151,33 @@ async def test_s3_down_answers_within_the_retries(
     assert keys_in(s3, bucket, "") == []
 
 
-@pytest.mark.parametrize("outage", [Refuse(), Stall()], ids=["refused", "stalled"])
-async def test_health_stays_up_while_s3_is_down(client: httpx.AsyncClient, proxy: FaultProxy, outage: Mode) -> None:
+# A thread held by a test gives up after this, so a service that waits on it fails the test instead of hanging it.
+HOLD_SECONDS = 10
+
+
+@pytest.mark.parametrize(("outage", "status"), [(Refuse(), 503), (Stall(), 504)], ids=["refused", "stalled"])
+async def test_health_answers_while_an_upload_is_stuck_on_s3(
+    app: Starlette, client: httpx.AsyncClient, proxy: FaultProxy, outage: Mode, status: int
+) -> None:
     proxy.mode = outage
-    assert (await post(client, "/upload")).status_code in (503, 504)
+    failed, answered = threading.Event(), threading.Event()
+
+    def hold_between_attempts(**_: Any) -> None:
+        # In the upload's thread, inside its S3 call: an attempt has failed and the next waits for /health.
+        failed.set()
+        answered.wait(HOLD_SECONDS)
+
+    app.state.storage.client.meta.events.register("needs-retry.s3", hold_between_attempts)
+    uploading = asyncio.create_task(post(client, "/upload"))
+    assert await asyncio.to_thread(failed.wait, HOLD_SECONDS)
 
     response = await client.get("/health")
+    still_uploading = not uploading.done()
+    answered.set()
 
-    assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert still_uploading
+    assert (await uploading).status_code == status
 
 
 @pytest.mark.parametrize("path", CALLS)
