@@ -65,7 +65,8 @@ def printable(text: str) -> str:
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and any `fields`."""
+    """One JSON object per line: time, level, logger, message, request id, process id (which of several
+    workers wrote it), and any `fields`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -74,6 +75,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
+            "pid": record.process,
             **getattr(record, "fields", {}),
         }
         if record.exc_info:

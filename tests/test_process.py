@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -154,21 +156,39 @@ def worker_pids(server: Server) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def test_workers_share_the_local_store(start_server: StartServer, http: httpx.Client, data_dir: Path) -> None:
-    server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "WORKERS": "2"})
-    deadline = time.monotonic() + 15
-    while len(worker_pids(server)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    # uvicorn's supervisor plus its resource tracker and two workers: at least the two workers.
-    assert len(worker_pids(server)) >= 2
+@contextmanager
+def only_accepting(worker: int, workers: set[int]) -> Iterator[None]:
+    """The other workers stopped (SIGSTOP), so that `worker` alone accepts new connections meanwhile."""
+    others = workers - {worker}
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
-    for n in range(10):
-        content = f"file {n}".encode()
-        # New connections each time, so links made by one worker are opened by either.
-        with httpx.Client(trust_env=False) as fresh:
-            url = upload(fresh, server, content)["url"]
-        with httpx.Client(trust_env=False) as fresh:
-            assert fresh.get(url).content == content
+
+def test_workers_share_the_local_store(start_server: StartServer, data_dir: Path) -> None:
+    server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "WORKERS": "2", "LOG_FORMAT": "json"})
+    wait_for_log(server, lambda log: log.count("Application startup complete") == 2)
+    workers = {entry["pid"] for entry in json_lines(server) if entry["message"] == "Application startup complete."}
+    assert len(workers) == 2 and workers <= set(worker_pids(server))
+
+    # Each worker makes a link that the other opens, on connections of their own.
+    for maker, opener in itertools.permutations(workers):
+        content = f"made by {maker}".encode()
+        with only_accepting(maker, workers), httpx.Client(trust_env=False, timeout=10) as fresh:
+            made = fresh.post(
+                f"{server.base_url}/upload", files={"file": ("a.txt", content)}, headers={"X-Request-ID": f"up-{maker}"}
+            )
+        assert made.status_code == 200, made.text
+        with only_accepting(opener, workers), httpx.Client(trust_env=False, timeout=10) as fresh:
+            opened = fresh.get(made.json()["url"], headers={"X-Request-ID": f"down-{opener}"})
+        assert (opened.status_code, opened.content) == (200, content)
+
+    served_by = {entry["request_id"]: entry["pid"] for entry in wait_for_access(server, 4)}
+    assert served_by == {f"{step}-{pid}": pid for step in ("up", "down") for pid in workers}
 
 
 @pytest.mark.parametrize("value", ["0", "many"])
