@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,11 +17,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from conftest import Server, StartServer, stored_before_types_were_checked, upload
+from conftest import Server, StartServer, stored_before_types_were_checked, upload, wait_until
+from raw_http import connect, read_answer
 from storage import LocalStorage
-
-# Access lines are written once their response is sent: a test waits for them, up to this long.
-LOG_WAIT_SECONDS = 10
 
 
 def lines_of(server: Server) -> list[str]:
@@ -38,13 +35,16 @@ def access_entries(server: Server) -> list[dict[str, Any]]:
 
 
 def wait_for_log(server: Server, shows: Callable[[str], bool]) -> str:
-    """The server's log, once it `shows` what the test waits for."""
-    deadline = time.monotonic() + LOG_WAIT_SECONDS
-    while not shows(log := server.log()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"the log did not show it within {LOG_WAIT_SECONDS} s:\n{log}")
-        time.sleep(0.05)
+    """The server's log, once it `shows` what the test waits for (a line is written once its response is sent)."""
+    wait_until(lambda: shows(server.log()))
+    log = server.log()
+    assert shows(log), log
     return log
+
+
+def partial_files(data_dir: Path) -> list[Path]:
+    """The local store's files still being written."""
+    return list((data_dir / "uploads").glob(".partial-*"))
 
 
 def wait_for_access(server: Server, count: int) -> list[dict[str, Any]]:
@@ -92,19 +92,14 @@ TEXT_ACCESS_LINE = r"[-0-9]+ [:,0-9]+ INFO gen_service\.access \[[0-9a-f]{32}\] 
 BREAKS = ["%0A", "%0D", "%0B", "%0C", "%1B[2K", "%C2%85", "%E2%80%A8", "%E2%80%A9"]
 
 
-def send_raw(server: Server, request: bytes) -> bytes:
-    port = int(server.base_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(request)
-        return connection.makefile("rb").read()
-
-
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_callers_value_can_forge_a_log_line(start_server: StartServer, data_dir: Path, log_format: str) -> None:
     server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "LOG_FORMAT": log_format})
     path = "/x" + "".join(f"{line_break}{quote(FORGED)}" for line_break in BREAKS)
     head = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Amzn-Trace-Id: Root=1\x85{FORGED}\r\n\r\n"
-    assert send_raw(server, head.encode("latin-1")).startswith(b"HTTP/1.1 404")
+    with connect(server) as connection:
+        connection.sendall(head.encode("latin-1"))
+        assert read_answer(connection)[0].startswith("HTTP/1.1 404")
 
     log = wait_for_log(server, lambda log: "FORGED" in log)
     [line] = [line for line in log.splitlines() if "FORGED" in line]  # every line break a viewer may honour
@@ -126,7 +121,7 @@ def test_log_level_hides_access_lines(start_server: StartServer, http: httpx.Cli
 
 def test_sigterm_lets_an_upload_in_flight_finish(start_server: StartServer, data_dir: Path) -> None:
     server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "SHUTDOWN_GRACE_SECONDS": "10"})
-    data = os.urandom(2_000_000)
+    data = os.urandom(3_000_000)  # half of it is more than the local store's first part (1 MiB)
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="slow.bin"\r\n\r\n'
     body = head + data + b"\r\n--b--\r\n"
     port = int(server.base_url.rsplit(":", 1)[1])
@@ -136,9 +131,10 @@ def test_sigterm_lets_an_upload_in_flight_finish(start_server: StartServer, data
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body[: len(body) // 2]
         )
-        time.sleep(0.3)
+        wait_until(lambda: bool(partial_files(data_dir)))
+        assert partial_files(data_dir), "the upload never reached the store"
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the service is shutting down while half the body is still to come
+        wait_for_log(server, lambda log: "Shutting down" in log)  # while half the body is still to come
         connection.sendall(body[len(body) // 2 :])
         response = connection.makefile("rb").read()
 
