@@ -155,6 +155,10 @@ async def download(client: httpx.AsyncClient) -> AsyncIterator[Download]:
         yield get
 
 
+# A thread a test holds gives up after this, so a service that waits on it fails the test instead of hanging it.
+HOLD_SECONDS = 10
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

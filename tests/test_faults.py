@@ -24,7 +24,16 @@ from starlette.applications import Starlette
 
 import gen_service
 import storage
-from conftest import Server, asgi_client, keys_in, multipart_uploads, temp_files_held, upload, wait_until
+from conftest import (
+    HOLD_SECONDS,
+    Server,
+    asgi_client,
+    keys_in,
+    multipart_uploads,
+    temp_files_held,
+    upload,
+    wait_until,
+)
 from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
 from raw_http import CHUNK, FORM_HEADERS, connect, form, read_answer, request_head
 from settings import Settings
@@ -149,10 +158,6 @@ async def test_s3_down_answers_within_the_retries(
     assert response.json() == {"detail": detail}
     assert elapsed < bound
     assert keys_in(s3, bucket, "") == []
-
-
-# A thread held by a test gives up after this, so a service that waits on it fails the test instead of hanging it.
-HOLD_SECONDS = 10
 
 
 @pytest.mark.parametrize(("outage", "status"), [(Refuse(), 503), (Stall(), 504)], ids=["refused", "stalled"])

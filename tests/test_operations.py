@@ -25,7 +25,7 @@ import errors
 import gen_service
 import logs
 import storage
-from conftest import Download, as_servers_send, asgi_client, in_chunks, stored_before_types_were_checked
+from conftest import HOLD_SECONDS, Download, as_servers_send, asgi_client, in_chunks, stored_before_types_were_checked
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -236,10 +236,6 @@ async def test_uploads_are_hashed_off_the_event_loop(
 
     assert answer["sha256"] == hashlib.sha256(content).hexdigest()
     assert hashed_on == {True: 0, False: len(content)}  # the event loop only hands bytes on
-
-
-# A held thread gives up after this, so a service that waited on it fails the test instead of hanging it.
-HOLD_SECONDS = 10
 
 
 async def test_health_answers_while_a_render_and_a_store_are_held(
