@@ -241,12 +241,15 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
+def made(directory: Path) -> Path:
+    directory.mkdir()
+    return directory
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The server's working directory, where `./data` and `.env` resolve."""
-    path = tmp_path / "workdir"
-    path.mkdir()
-    return path
+    return made(tmp_path / "workdir")
 
 
 @pytest.fixture
@@ -336,9 +339,7 @@ async def in_chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 @pytest.fixture
 def spool(tmp_path: Path) -> Path:
     """The server's TMPDIR, where Starlette would spool uploads (the service streams them instead)."""
-    path = tmp_path / "spool"
-    path.mkdir()
-    return path
+    return made(tmp_path / "spool")
 
 
 @pytest.fixture
