@@ -1,8 +1,13 @@
 """A TCP proxy on loopback in front of an S3 endpoint, switched per test between passing traffic and faults:
-`proxy.mode = Fail(503, "SlowDown")`, and the client pointed at `proxy.url` is throttled once."""
+`proxy.mode = Fail(503, "SlowDown")`, and the client pointed at `proxy.url` is throttled once.
+
+A mode applies to each new connection; one with `only` set applies to those whose first request line matches it
+(a regular expression; moto closes every connection after one answer, so that is every such request).
+"""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -39,16 +44,28 @@ class Cut:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Forward both ways, but pass upstream's answer on only `seconds` after it comes."""
+
+    seconds: float
+    only: str | None = None
+
+
+@dataclass(frozen=True)
 class Fail:
-    """Answer the next `times` connections with an S3 error document, then pass through."""
+    """Answer the next `times` connections with an S3 error document, then switch to `then`. With `forward`, the
+    request reaches upstream first and its answer is dropped: the work is done, the client hears of a failure."""
 
     status: int
     code: str
     times: int = 1
     message: str = "injected fault"
+    only: str | None = None
+    forward: bool = False
+    then: Mode = PassThrough()
 
 
-Mode = PassThrough | Refuse | Stall | Cut | Fail
+Mode = PassThrough | Refuse | Stall | Cut | Hold | Fail
 
 
 class FaultProxy:
@@ -59,6 +76,7 @@ class FaultProxy:
         self.upstream = upstream
         self.faults_injected = 0
         self._mode: Mode = PassThrough()
+        self._uses = 0  # of the current mode, by connections it applied to
         self._lock = threading.RLock()
         self._sockets: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -81,6 +99,7 @@ class FaultProxy:
     def mode(self, mode: Mode) -> None:
         with self._lock:
             self._mode = mode
+            self._uses = 0
             self.faults_injected = 0
             for sock in self._sockets:
                 close(sock)
@@ -112,20 +131,27 @@ class FaultProxy:
                 return
             with self._lock:
                 self._sockets.add(client)
-                mode = self._next_mode()
-            self._start(self._serve, client, mode)
+            self._start(self._serve, client)
 
-    def _next_mode(self) -> Mode:
+    def _next_mode(self, request_line: str) -> Mode:
         mode = self._mode
-        if isinstance(mode, Fail):
+        only = getattr(mode, "only", None)
+        if only is not None and not re.search(only, request_line):
+            return PassThrough()
+        if isinstance(mode, Hold | Fail):
             self.faults_injected += 1
-            if self.faults_injected == mode.times:
-                self._mode = PassThrough()
+        if isinstance(mode, Fail):
+            self._uses += 1
+            if self._uses == mode.times:
+                self._mode, self._uses = mode.then, 0
         return mode
 
-    def _serve(self, client: socket.socket, mode: Mode) -> None:
+    def _serve(self, client: socket.socket) -> None:
         try:
-            if isinstance(mode, Fail):
+            request_line = peek_request_line(client)
+            with self._lock:
+                mode = self._next_mode(request_line)
+            if isinstance(mode, Fail) and not mode.forward:
                 answer_error(client, mode)
             else:
                 self._forward(client, mode)
@@ -140,7 +166,7 @@ class FaultProxy:
         with self._lock:
             self._sockets.add(upstream)
         faulted = threading.Event()
-        self._start(pump_answers, upstream, client, faulted)
+        self._start(pump_answers, upstream, client, faulted, mode)
         try:
             if copy_until(client, upstream, mode.after_bytes if isinstance(mode, Stall | Cut) else None):
                 faulted.set()  # from here on, the client hears nothing more from upstream
@@ -170,8 +196,16 @@ def copy_until(client: socket.socket, upstream: socket.socket, limit: int | None
     return False
 
 
-def pump_answers(upstream: socket.socket, client: socket.socket, faulted: threading.Event) -> None:
+def pump_answers(upstream: socket.socket, client: socket.socket, faulted: threading.Event, mode: Mode) -> None:
     try:
+        if isinstance(mode, Fail):  # forwarded: upstream does the work, the client hears of a failure
+            while upstream.recv(CHUNK):
+                pass
+            send_error(client, mode)
+            return
+        if isinstance(mode, Hold) and (data := upstream.recv(CHUNK)):
+            time.sleep(mode.seconds)
+            client.sendall(data)
         while data := upstream.recv(CHUNK):
             client.sendall(data)
         if not faulted.is_set():
@@ -180,12 +214,31 @@ def pump_answers(upstream: socket.socket, client: socket.socket, faulted: thread
         pass
 
 
+def peek_request_line(client: socket.socket) -> str:
+    """The first line of the first request on `client`, left unread for whoever forwards or answers it."""
+    client.settimeout(5)
+    while b"\r\n" not in (head := client.recv(CHUNK, socket.MSG_PEEK)):
+        if not head:
+            break
+        time.sleep(0.001)  # part of the line has come: peeking again at once would only spin
+    client.settimeout(None)
+    return head.partition(b"\r\n")[0].decode("latin-1")
+
+
 def answer_error(client: socket.socket, fail: Fail) -> None:
     """Answer the request on `client` with `fail`'s S3 error document, and close."""
     client.settimeout(5)
     head = b""
     while b"\r\n\r\n" not in head and (data := client.recv(CHUNK)):
         head += data
+    send_error(client, fail)
+    # A body sent without waiting for `100 Continue` must still be read: closing on unread bytes resets the
+    # connection, and the client may then lose the answer.
+    swallow(client, 5)
+
+
+def send_error(client: socket.socket, fail: Fail) -> None:
+    """`fail`'s S3 error document as the whole answer: the connection is closed after it."""
     body = (
         "<?xml version='1.0' encoding='UTF-8'?>\n"
         f"<Error><Code>{fail.code}</Code><Message>{escape(fail.message)}</Message></Error>"
@@ -196,9 +249,6 @@ def answer_error(client: socket.socket, fail: Fail) -> None:
         + body
     )
     client.shutdown(socket.SHUT_WR)
-    # A body sent without waiting for `100 Continue` must still be read: closing on unread bytes resets the
-    # connection, and the client may then lose the answer.
-    swallow(client, 5)
 
 
 def swallow(client: socket.socket, seconds: float) -> None:
