@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import tempfile
@@ -32,9 +33,11 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
     NoCredentialsError,
     ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as NotConnectedError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ MAX_OBJECT_BYTES = 10_000 * MULTIPART_THRESHOLD
 # Completing a multipart upload makes S3 assemble the object, which takes minutes for the largest
 # (S3 keeps the connection alive meanwhile): the one call that waits this long for an answer.
 COMPLETE_READ_TIMEOUT_SECONDS = 15 * 60
+# Attempts at CompleteMultipartUpload, as botocore's standard retry mode makes of every other call.
+COMPLETE_ATTEMPTS = 3
 LOCAL_PART_BYTES = 1024 * 1024
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
@@ -149,18 +154,21 @@ class Hasher:
 # ---------------------------------------------------------------- S3
 
 
-def make_s3_client(
+def make_s3_storage(
+    bucket: str,
+    presign_ttl_seconds: int,
     *,
     region: str,
     endpoint_url: str | None,
     connect_timeout: float,
     read_timeout: float,
     checksums: str = "when_supported",
-    session: boto3.session.Session | None = None,
-) -> Any:
-    """An S3 client: thread-safe, SigV4 links, bounded time on failure.
+) -> S3Storage:
+    """The S3 store, with the process's two clients: thread-safe, SigV4 links, bounded time on failure.
 
-    `checksums="when_required"` stops boto3 sending the checksums some S3-compatible stores reject.
+    Both come from one session, so they sign with the same credentials and S3's service model is
+    loaded once (a session of its own costs 12 MB more). `checksums="when_required"` stops boto3
+    sending the checksums some S3-compatible stores reject.
     """
     config = Config(
         region_name=region,
@@ -174,25 +182,27 @@ def make_s3_client(
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
     )
-    return (session or boto3.session.Session()).client("s3", endpoint_url=endpoint_url, config=config)
-
-
-def make_s3_storage(bucket: str, presign_ttl_seconds: int, **client_settings: Any) -> S3Storage:
-    """The S3 store, with a second client that waits long for CompleteMultipartUpload alone. One session
-    makes both, so that S3's service model is loaded once (a session of its own costs 12 MB more)."""
+    # botocore would retry a completion that times out or loses its connection while S3 may still be
+    # assembling the object: S3Upload.complete retries only what has surely ended.
+    completing = Config(
+        read_timeout=COMPLETE_READ_TIMEOUT_SECONDS, retries={"mode": "standard", "total_max_attempts": 1}
+    )
     session = boto3.session.Session()
-    client = make_s3_client(session=session, **client_settings)
-    completion_settings = client_settings | {"read_timeout": COMPLETE_READ_TIMEOUT_SECONDS}
-    return S3Storage(client, bucket, presign_ttl_seconds, make_s3_client(session=session, **completion_settings))
+    return S3Storage(
+        client=session.client("s3", endpoint_url=endpoint_url, config=config),
+        completion_client=session.client("s3", endpoint_url=endpoint_url, config=config.merge(completing)),
+        bucket=bucket,
+        presign_ttl_seconds=presign_ttl_seconds,
+    )
 
 
 class S3Storage(Storage):
     part_bytes = MULTIPART_THRESHOLD
 
-    def __init__(self, client: Any, bucket: str, presign_ttl_seconds: int, completion_client: Any = None) -> None:
+    def __init__(self, client: Any, completion_client: Any, bucket: str, presign_ttl_seconds: int) -> None:
         self.client = client
-        # The same store with a long read timeout, for CompleteMultipartUpload alone.
-        self.completion_client = completion_client or client
+        # The same store with a long read timeout and no retries of botocore's, for CompleteMultipartUpload alone.
+        self.completion_client = completion_client
         self.bucket = bucket
         self.presign_ttl_seconds = presign_ttl_seconds
         self.warned_about_short_links = False
@@ -302,21 +312,39 @@ class S3Upload:
         self.parts.append({"PartNumber": number, "ETag": sent["ETag"]} | pick(sent, "ChecksumCRC32"))
 
     def complete(self, size: int) -> None:
-        try:
-            self.store.completion_client.complete_multipart_upload(
-                **self.object, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
-            )
-        except ClientError as error:
-            # A retry after a dropped connection finds the upload gone when the first attempt completed it.
-            if error.response.get("Error", {}).get("Code") != "NoSuchUpload" or not self.landed(size):
+        """CompleteMultipartUpload, with a read timeout of its own. An attempt is repeated only once the
+        earlier one has surely ended: it never reached S3, or S3 answered with an error. A completion
+        answering NoSuchUpload (a retry of one that S3 had in fact finished does), or one whose answer
+        was lost, succeeded if the object is in the bucket."""
+        for attempt in range(COMPLETE_ATTEMPTS):
+            last = attempt == COMPLETE_ATTEMPTS - 1
+            try:
+                self.store.completion_client.complete_multipart_upload(
+                    **self.object, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+                )
+                break
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") == "NoSuchUpload" and self.landed(size):
+                    break
+                if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) < 500 or last:
+                    raise
+            except NotConnectedError:
+                if last:
+                    raise
+            except HTTPClientError:  # sent, but its answer lost (timed out, connection closed): it may still run
+                if self.landed(size):
+                    break
                 raise
+            time.sleep(random.uniform(0, 2**attempt))  # jittered backoff: up to 1 s, then 2 s
         self.upload_id = None
 
     def landed(self, size: int) -> bool:
-        """The object is there, whole: its size, and a multipart ETag ("...-N") counting our parts."""
-        with suppress(ClientError):
+        """The object is there, whole: its size, and the part count in its multipart ETag ("<hash>-<parts>");
+        some S3-compatible stores give a plain hash of the whole object, which then says nothing either way."""
+        with suppress(BotoCoreError, ClientError):
             head = self.store.client.head_object(**self.object)
-            return head["ContentLength"] == size and head["ETag"].strip('"').endswith(f"-{len(self.parts)}")
+            etag = head["ETag"].strip('"')
+            return head["ContentLength"] == size and ("-" not in etag or etag.endswith(f"-{len(self.parts)}"))
         return False
 
 

@@ -52,6 +52,13 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Lose:
+    """Forward the request, then close the connection without passing upstream's answer on."""
+
+    only: str | None = None
+
+
+@dataclass(frozen=True)
 class Fail:
     """Answer the next `times` connections with an S3 error document, then switch to `then`. With `forward`, the
     request reaches upstream first and its answer is dropped: the work is done, the client hears of a failure."""
@@ -65,7 +72,7 @@ class Fail:
     then: Mode = PassThrough()
 
 
-Mode = PassThrough | Refuse | Stall | Cut | Hold | Fail
+Mode = PassThrough | Refuse | Stall | Cut | Hold | Lose | Fail
 
 
 class FaultProxy:
@@ -138,7 +145,7 @@ class FaultProxy:
         only = getattr(mode, "only", None)
         if only is not None and not re.search(only, request_line):
             return PassThrough()
-        if isinstance(mode, Hold | Fail):
+        if isinstance(mode, Hold | Lose | Fail):
             self.faults_injected += 1
         if isinstance(mode, Fail):
             self._uses += 1
@@ -198,10 +205,12 @@ def copy_until(client: socket.socket, upstream: socket.socket, limit: int | None
 
 def pump_answers(upstream: socket.socket, client: socket.socket, faulted: threading.Event, mode: Mode) -> None:
     try:
-        if isinstance(mode, Fail):  # forwarded: upstream does the work, the client hears of a failure
+        if isinstance(mode, Lose | Fail):  # forwarded: upstream does the work, the client hears of no success
             while upstream.recv(CHUNK):
                 pass
-            send_error(client, mode)
+            if isinstance(mode, Fail):
+                send_error(client, mode)
+            client.shutdown(socket.SHUT_RDWR)
             return
         if isinstance(mode, Hold) and (data := upstream.recv(CHUNK)):
             time.sleep(mode.seconds)

@@ -27,6 +27,7 @@ import storage
 from conftest import (
     HOLD_SECONDS,
     Server,
+    StartServer,
     asgi_client,
     keys_in,
     multipart_uploads,
@@ -34,7 +35,7 @@ from conftest import (
     upload,
     wait_until,
 )
-from fault_proxy import Cut, Fail, FaultProxy, Mode, PassThrough, Refuse, Stall
+from fault_proxy import Cut, Fail, FaultProxy, Hold, Lose, Mode, PassThrough, Refuse, Stall
 from raw_http import CHUNK, FORM_HEADERS, connect, form, read_answer, request_head
 from settings import Settings
 
@@ -55,6 +56,8 @@ STALLED_BOUND_SECONDS = (
 )  # 10 s
 # The S3 store switches to a multipart upload at 5 MiB.
 MULTIPART_FILE_BYTES = 9 * MiB
+# Request lines of CompleteMultipartUpload: `POST /<bucket>/<key>?uploadId=...`.
+COMPLETION = r"^POST /[^ ?]+\?uploadId="
 CALLS: dict[str, dict[str, Any]] = {
     "/generate": {"json": {"prompt": "a fox in the snow"}},
     "/upload": {"files": {"file": ("notes.txt", b"a file that S3 may or may not take", "text/plain")}},
@@ -124,11 +127,12 @@ async def timed_post(client: httpx.AsyncClient, path: str, **kwargs: Any) -> tup
     return response, time.monotonic() - started
 
 
-def assert_stored(s3: Any, bucket: str, answer: dict[str, Any]) -> None:
-    """The bucket holds exactly the object the answer describes, whole."""
-    assert keys_in(s3, bucket, "") == [answer["key"]]
-    stored = s3.get_object(Bucket=bucket, Key=answer["key"])["Body"].read()
-    assert (len(stored), hashlib.sha256(stored).hexdigest()) == (answer["size"], answer["sha256"])
+def assert_stored(s3: Any, bucket: str, *answers: dict[str, Any]) -> None:
+    """The bucket holds exactly the objects the answers describe, each whole."""
+    assert sorted(keys_in(s3, bucket, "")) == sorted(answer["key"] for answer in answers)
+    for answer in answers:
+        stored = s3.get_object(Bucket=bucket, Key=answer["key"])["Body"].read()
+        assert (len(stored), hashlib.sha256(stored).hexdigest()) == (answer["size"], answer["sha256"])
 
 
 OUTAGES = [
@@ -292,6 +296,39 @@ async def test_s3_failing_every_attempt_is_503(
     assert keys_in(s3, bucket, "") == []
 
 
+def multipart_file() -> dict[str, Any]:
+    return {"files": {"file": ("big.bin", os.urandom(MULTIPART_FILE_BYTES), "application/octet-stream")}}
+
+
+async def test_completion_retried_after_s3_finished_it_is_a_success(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
+    # S3 assembles the object but its answer is lost; the retry hears NoSuchUpload, as S3's own may (moto's would
+    # complete the upload again), and the object is there.
+    no_such_upload = Fail(404, "NoSuchUpload", only=COMPLETION)
+    proxy.mode = Fail(500, "InternalError", only=COMPLETION, forward=True, then=no_such_upload)
+
+    response = await client.post("/upload", **multipart_file())
+
+    assert response.status_code == 200, response.text
+    assert proxy.faults_injected == 2  # the completion, and its retry
+    assert_stored(s3, bucket, response.json())
+
+
+async def test_completion_that_s3_never_finished_is_the_failure_it_was(
+    client: httpx.AsyncClient, proxy: FaultProxy, s3: Any, bucket: str
+) -> None:
+    proxy.mode = Fail(500, "InternalError", only=COMPLETION, then=Fail(404, "NoSuchUpload", times=100, only=COMPLETION))
+
+    response = await client.post("/upload", **multipart_file())
+
+    assert response.status_code == 502
+    assert response.json() == {"detail": "storage refused the request (NoSuchUpload)"}
+    assert proxy.faults_injected == 2  # the completion, and its retry
+    assert keys_in(s3, bucket, "") == []
+    assert multipart_uploads(s3, bucket) == []
+
+
 # S3's real 403 bodies name the caller (and, for a bad key, its access key id): none of it may reach a client.
 ACCESS_DENIED = Fail(
     403, "AccessDenied", times=100, message="User: arn:aws:iam::123456789012:user/testing is not authorized"
@@ -316,6 +353,42 @@ async def test_s3_refusal_is_502_naming_only_the_code(
     assert response.json() == {"detail": f"storage refused the request ({code})"}
     for secret in ("testing", "arn:", "http", "127.0.0.1"):
         assert secret not in response.text
+
+
+# ---------------------------------------------------------------- S3 faults, against the real server
+
+# Longer than every attempt of a call with the short read timeout, and their backoff, together.
+COMPLETION_HELD_SECONDS = 4
+
+
+@pytest.fixture
+def proxied_server(start_server: StartServer, proxy: FaultProxy, bucket: str) -> Server:
+    """The real server on the proxied S3 store, with short timeouts."""
+    timeouts = {"S3_CONNECT_TIMEOUT_SECONDS": str(CONNECT_TIMEOUT), "S3_READ_TIMEOUT_SECONDS": str(READ_TIMEOUT)}
+    return start_server({"S3_BUCKET": bucket, "S3_ENDPOINT_URL": proxy.url, **timeouts})
+
+
+def test_completion_slower_than_the_read_timeout_is_waited_for(
+    proxied_server: Server, proxy: FaultProxy, http: httpx.Client, s3: Any, bucket: str
+) -> None:
+    proxy.mode = Hold(COMPLETION_HELD_SECONDS, only=COMPLETION)
+
+    answer = upload(http, proxied_server, os.urandom(MULTIPART_FILE_BYTES))
+
+    assert proxy.faults_injected == 1  # one completion, waited for, never sent again
+    assert_stored(s3, bucket, answer)
+
+
+def test_completion_whose_answer_is_lost_is_not_sent_again(
+    proxied_server: Server, proxy: FaultProxy, http: httpx.Client, s3: Any, bucket: str
+) -> None:
+    # S3 may still be assembling the object when the connection drops: a second completion could fail both.
+    proxy.mode = Lose(only=COMPLETION)
+
+    answer = upload(http, proxied_server, os.urandom(MULTIPART_FILE_BYTES))
+
+    assert proxy.faults_injected == 1
+    assert_stored(s3, bucket, answer)
 
 
 # ---------------------------------------------------------------- client faults, against the real server

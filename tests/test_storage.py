@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 
+import boto3.s3.transfer
 import pytest
 from botocore.exceptions import (
     BotoCoreError,
@@ -52,6 +53,13 @@ def link_parts(url: str) -> Link:
 
 def put_bytes(store: LocalStorage, key: str, data: bytes = b"hello") -> storage.Stored:
     return store.put(key, io.BytesIO(data), content_type="text/plain", content_disposition="attachment")
+
+
+def client_error(code: str, http_status: int) -> ClientError:
+    # Real messages can name the endpoint; the mapped detail must not pass that on.
+    message = f"{code} at {ENDPOINT_URL}/assets with key {SECRET_ACCESS_KEY}"
+    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": http_status}}
+    return ClientError(response, "PutObject")
 
 
 # ---------------------------------------------------------------- LocalStorage
@@ -339,9 +347,17 @@ def test_local_put_stores_every_size_in_parts(local: LocalStorage, root: Path, s
 # ---------------------------------------------------------------- S3
 
 
-def s3_storage(*, region: str = "us-east-1", endpoint_url: str | None = None, ttl: int = 3600) -> S3Storage:
-    client = storage.make_s3_client(region=region, endpoint_url=endpoint_url, connect_timeout=1, read_timeout=1)
-    return S3Storage(client, "assets", ttl)
+def s3_storage(
+    *, region: str = "us-east-1", endpoint_url: str | None = None, ttl: int = 3600, bucket: str = "assets"
+) -> S3Storage:
+    return storage.make_s3_storage(
+        bucket=bucket,
+        presign_ttl_seconds=ttl,
+        region=region,
+        endpoint_url=endpoint_url,
+        connect_timeout=1,
+        read_timeout=1,
+    )
 
 
 def s3_query(url: str) -> dict[str, str]:
@@ -507,24 +523,54 @@ def test_s3_put_that_cannot_tag_stores_the_file_and_warns_once(
     assert "s3:PutObjectTagging" in warnings[-1] and "AccessDenied" in warnings[-1]
 
 
+def test_s3_upload_has_landed_only_with_its_size_and_part_count(s3_store: S3Storage) -> None:
+    """What tells a completion that answered NoSuchUpload or lost its answer from one that failed."""
+    data = os.urandom(2 * THRESHOLD + 1)
+    upload = s3_store.begin(new_key(), content_type="text/plain", content_disposition="attachment")
+    for start in (0, THRESHOLD):
+        upload.write([data[start : start + THRESHOLD]])
+    upload.commit([data[2 * THRESHOLD :]])
+    assert upload.landed(len(data))
+    assert not upload.landed(len(data) + 1)
+    assert not upload.landed(len(data) - 1)
+    upload.parts.append(upload.parts[-1])
+    assert not upload.landed(len(data))
+
+
+def test_s3_upload_that_is_not_there_has_not_landed(s3_store: S3Storage) -> None:
+    assert not s3_store.begin(new_key(), content_type="text/plain", content_disposition="attachment").landed(0)
+
+
+def test_s3_multipart_put_never_switches_to_awscrt(s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where awscrt is installed, on instance types it is tuned for, boto3's transfer manager would switch to it
+    unasked (about 100 MB more memory per upload): the store must go on sending its own parts. boto3 imports
+    these names only when awscrt is installed, which here it is not."""
+    switched: list[str] = []
+    awscrt = SimpleNamespace(__version__="0.29.0", s3=SimpleNamespace(is_optimized_for_system=lambda: True))
+    for name, value in {
+        "HAS_CRT": True,
+        "awscrt": awscrt,
+        "create_crt_transfer_manager": lambda *_: switched.append("crt"),
+    }.items():
+        monkeypatch.setattr(boto3.s3.transfer, name, value, raising=False)
+    data, key = os.urandom(2 * THRESHOLD), new_key()
+
+    s3_store.put(key, Unseekable(data), content_type="text/plain", content_disposition="attachment")
+
+    assert switched == []
+    assert s3_store.client.get_object(Bucket="assets", Key=key)["Body"].read() == data
+
+
 @uses_moto
 def test_s3_put_to_a_missing_bucket_is_a_502() -> None:
-    client = storage.make_s3_client(region="us-east-1", endpoint_url=None, connect_timeout=1, read_timeout=1)
     with pytest.raises(StorageError) as refused:
-        S3Storage(client, "no-such-bucket", 60).put(
+        s3_storage(bucket="no-such-bucket").put(
             new_key(), io.BytesIO(b"x"), content_type="text/plain", content_disposition="attachment"
         )
     assert refused.value.status_code == 502
 
 
 # ---------------------------------------------------------------- storage_error
-
-
-def client_error(code: str, http_status: int) -> ClientError:
-    # Real messages can name the endpoint; the mapped detail must not pass that on.
-    message = f"{code} at {ENDPOINT_URL}/assets with key {SECRET_ACCESS_KEY}"
-    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": http_status}}
-    return ClientError(response, "PutObject")
 
 
 ERRORS: dict[str, tuple[BotoCoreError | ClientError, int]] = {
