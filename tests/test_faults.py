@@ -56,8 +56,9 @@ STALLED_BOUND_SECONDS = (
 )  # 10 s
 # The S3 store switches to a multipart upload at 5 MiB.
 MULTIPART_FILE_BYTES = 9 * MiB
-# Request lines of CompleteMultipartUpload: `POST /<bucket>/<key>?uploadId=...`.
+# Request lines of CompleteMultipartUpload (`POST /<bucket>/<key>?uploadId=...`) and of PutObjectTagging.
 COMPLETION = r"^POST /[^ ?]+\?uploadId="
+TAGGING = r"^PUT /[^ ?]+\?tagging"
 CALLS: dict[str, dict[str, Any]] = {
     "/generate": {"json": {"prompt": "a fox in the snow"}},
     "/upload": {"files": {"file": ("notes.txt", b"a file that S3 may or may not take", "text/plain")}},
@@ -389,6 +390,21 @@ def test_completion_whose_answer_is_lost_is_not_sent_again(
 
     assert proxy.faults_injected == 1
     assert_stored(s3, bucket, answer)
+
+
+def test_store_without_tagging_takes_uploads_and_warns_once(
+    proxied_server: Server, proxy: FaultProxy, http: httpx.Client, s3: Any, bucket: str
+) -> None:
+    proxy.mode = Fail(501, "NotImplemented", times=100, only=TAGGING)
+    contents = [os.urandom(MULTIPART_FILE_BYTES) for _ in range(3)]
+
+    answers = [upload(http, proxied_server, content) for content in contents]
+
+    assert [answer["sha256"] for answer in answers] == [hashlib.sha256(content).hexdigest() for content in contents]
+    assert proxy.faults_injected == len(contents)
+    assert_stored(s3, bucket, *answers)
+    [warning] = [line for line in proxied_server.log().splitlines() if "WARNING" in line]
+    assert "no sha256 tag" in warning and "NotImplemented" in warning
 
 
 # ---------------------------------------------------------------- client faults, against the real server

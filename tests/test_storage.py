@@ -504,11 +504,22 @@ def test_s3_put_of_a_body_that_breaks_leaves_nothing(s3_store: S3Storage, size: 
     assert "Uploads" not in s3_store.client.list_multipart_uploads(Bucket="assets")
 
 
+TAGGING_FAILURES = {
+    "access-denied": client_error("AccessDenied", 403),
+    "not-implemented": client_error("NotImplemented", 501),
+    "timed-out": ReadTimeoutError(endpoint_url=ENDPOINT_URL),
+}
+
+
+@pytest.mark.parametrize("failure", TAGGING_FAILURES.values(), ids=TAGGING_FAILURES.keys())
 def test_s3_put_that_cannot_tag_stores_the_file_and_warns_once(
-    s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    s3_store: S3Storage,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: BotoCoreError | ClientError,
 ) -> None:
     def refuse(**_: Any) -> None:
-        raise client_error("AccessDenied", 403)
+        raise failure
 
     monkeypatch.setattr(s3_store.client, "put_object_tagging", refuse)
     files = {new_key(): os.urandom(6 * MiB) for _ in range(3)}
@@ -518,9 +529,10 @@ def test_s3_put_that_cannot_tag_stores_the_file_and_warns_once(
 
     for key, data in files.items():
         assert s3_store.client.get_object(Bucket="assets", Key=key)["Body"].read() == data
+        assert s3_store.client.get_object_tagging(Bucket="assets", Key=key)["TagSet"] == []
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len([warning for warning in warnings if "no sha256 tag" in warning]) == 1
-    assert "s3:PutObjectTagging" in warnings[-1] and "AccessDenied" in warnings[-1]
+    assert "s3:PutObjectTagging" in warnings[-1] and storage.storage_error(failure).detail in warnings[-1]
 
 
 def test_s3_upload_has_landed_only_with_its_size_and_part_count(s3_store: S3Storage) -> None:
