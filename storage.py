@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 import boto3
 from botocore.config import Config
+from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -191,6 +192,7 @@ def make_s3_storage(
     return S3Storage(
         client=session.client("s3", endpoint_url=endpoint_url, config=config),
         completion_client=session.client("s3", endpoint_url=endpoint_url, config=config.merge(completing)),
+        credentials=session.get_credentials(),
         bucket=bucket,
         presign_ttl_seconds=presign_ttl_seconds,
     )
@@ -199,14 +201,21 @@ def make_s3_storage(
 class S3Storage(Storage):
     part_bytes = MULTIPART_THRESHOLD
 
-    def __init__(self, client: Any, completion_client: Any, bucket: str, presign_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        completion_client: Any,
+        credentials: Credentials | None,
+        bucket: str,
+        presign_ttl_seconds: int,
+    ) -> None:
         self.client = client
         # The same store with a long read timeout and no retries of botocore's, for CompleteMultipartUpload alone.
         self.completion_client = completion_client
+        self.credentials = credentials  # what both clients sign with
         self.bucket = bucket
         self.presign_ttl_seconds = presign_ttl_seconds
-        self.warned_about_short_links = False
-        self.tagging_failures_logged: set[str] = set()
+        self.warned: set[str] = set()
 
     def begin(self, key: str, *, content_type: str, content_disposition: str) -> S3Upload:
         return S3Upload(self, key, {"ContentType": content_type, "ContentDisposition": content_disposition})
@@ -216,12 +225,17 @@ class S3Storage(Storage):
         expires_at = now + timedelta(seconds=self.presign_ttl_seconds)
         with s3_errors(f"presign {key}"):
             # Temporary credentials (a Fargate task role's) sign links that die with them, whatever the TTL.
-            credentials_expire = getattr(self.client._get_credentials(), "_expiry_time", None)
+            try:
+                credentials_expire = credentials_expiry(self.credentials)
+            except LookupError:
+                credentials_expire = None
+                self.warn_once(
+                    "cannot tell when the signing credentials expire: links may stop working before their "
+                    "expires_at (has botocore changed RefreshableCredentials? pin the botocore that works)"
+                )
             if credentials_expire is not None and credentials_expire < expires_at:
                 expires_at = credentials_expire
-                if not self.warned_about_short_links:
-                    self.warned_about_short_links = True
-                    log.warning("links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner")
+                self.warn_once("links live less than S3_PRESIGN_TTL_SECONDS: the signing credentials expire sooner")
             expires_in = max(1, int((expires_at - now).total_seconds()))
             url = self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
@@ -246,14 +260,32 @@ class S3Storage(Storage):
         try:
             self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging=tags)
         except (BotoCoreError, ClientError) as error:
-            cause = storage_error(error).detail
-            if cause not in self.tagging_failures_logged:  # once per cause, not once per upload
-                self.tagging_failures_logged.add(cause)
-                log.warning(
-                    "files stored in parts carry no sha256 tag: tagging failed: %s. Grant s3:PutObjectTagging, "
-                    "or use a store with object tagging, to get it (the answer's sha256 is unaffected)",
-                    cause,
-                )
+            self.warn_once(
+                f"files stored in parts carry no sha256 tag: tagging failed: {storage_error(error).detail}. Grant "
+                "s3:PutObjectTagging, or use a store with object tagging, to get it (the answer's sha256 is unaffected)"
+            )
+
+    def warn_once(self, message: str) -> None:
+        """A warning for the operator, once per process and cause: every request would say the same."""
+        if message not in self.warned:
+            self.warned.add(message)
+            log.warning(message)
+
+
+def credentials_expiry(credentials: Credentials | None) -> datetime | None:
+    """When refreshable credentials (a task role's) expire; None for credentials that do not.
+
+    botocore has no public way to read it: RefreshableCredentials keeps it in `_expiry_time`, a private
+    name that may change in any release. tests/test_operations.py fails if it goes, and here a refreshable
+    credential whose expiry cannot be read raises LookupError rather than pass for one that never expires.
+    """
+    if not isinstance(credentials, RefreshableCredentials):
+        return None
+    credentials.get_frozen_credentials()  # refreshed first if they are about to expire, as signing does
+    expiry = getattr(credentials, "_expiry_time", None)
+    if not isinstance(expiry, datetime):
+        raise LookupError("refreshable credentials without a readable expiry")
+    return expiry
 
 
 class S3Upload:

@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import CredentialRetrievalError
 from starlette.applications import Starlette
 
@@ -536,9 +538,14 @@ def stored_anything(app: Starlette, s3: Any) -> bool:
     return any(path.is_file() and path.name != ".signing-key" for path in store.root.rglob("*"))
 
 
-def credentials_lost() -> None:
-    # What a task role's credentials do when their refresh fails after the put went through.
+def credentials_lost() -> dict[str, str]:
     raise CredentialRetrievalError(provider="container-role", error_msg="connection refused")
+
+
+def expired_credentials() -> RefreshableCredentials:
+    """A task role's credentials, expired, whose refresh fails: what links meet after the put went through."""
+    expired = datetime.now(UTC) - timedelta(minutes=1)
+    return RefreshableCredentials("ASIATEMPORARY", "secret", "token", expired, credentials_lost, "container-role")
 
 
 @pytest.mark.parametrize("path", CALLS)
@@ -546,7 +553,7 @@ async def test_presigning_that_fails_after_the_put_leaves_nothing(
     s3_settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     app = gen_service.create_app(s3_settings)
-    monkeypatch.setattr(app.state.storage.client, "_get_credentials", credentials_lost)
+    monkeypatch.setattr(app.state.storage, "credentials", expired_credentials())
     async with await asgi_client(app) as client:
         response = await post(client, path)
 

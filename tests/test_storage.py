@@ -553,6 +553,16 @@ def test_s3_upload_that_is_not_there_has_not_landed(s3_store: S3Storage) -> None
     assert not s3_store.begin(new_key(), content_type="text/plain", content_disposition="attachment").landed(0)
 
 
+@uses_moto
+def test_s3_links_read_the_credentials_both_clients_sign_with() -> None:
+    """The store reads the session's credentials (public); this checks, through botocore's private accessor, that
+    they are the very ones its clients sign with, so that an upgrade that makes them differ fails here."""
+    store = s3_storage()
+    assert store.credentials is not None
+    assert store.client._get_credentials() is store.credentials
+    assert store.completion_client._get_credentials() is store.credentials
+
+
 def test_s3_multipart_put_never_switches_to_awscrt(s3_store: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where awscrt is installed, on instance types it is tuned for, boto3's transfer manager would switch to it
     unasked (about 100 MB more memory per upload): the store must go on sending its own parts. boto3 imports
