@@ -34,7 +34,6 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
-    HTTPClientError,
     NoCredentialsError,
     ReadTimeoutError,
 )
@@ -345,29 +344,22 @@ class S3Upload:
 
     def complete(self, size: int) -> None:
         """CompleteMultipartUpload, with a read timeout of its own. An attempt is repeated only once the
-        earlier one has surely ended: it never reached S3, or S3 answered with an error. A completion
-        answering NoSuchUpload (a retry of one that S3 had in fact finished does), or one whose answer
-        was lost, succeeded if the object is in the bucket."""
+        earlier one has surely ended; when the last one fails, the object may be there all the same (S3
+        answers a retry of a completion it had in fact finished with NoSuchUpload, s3rver with
+        InternalError, and a lost answer says nothing), and then the upload has succeeded."""
         for attempt in range(COMPLETE_ATTEMPTS):
-            last = attempt == COMPLETE_ATTEMPTS - 1
             try:
                 self.store.completion_client.complete_multipart_upload(
                     **self.object, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
                 )
                 break
-            except ClientError as error:
-                if error.response.get("Error", {}).get("Code") == "NoSuchUpload" and self.landed(size):
+            except (BotoCoreError, ClientError) as error:
+                if attempt < COMPLETE_ATTEMPTS - 1 and surely_ended(error):
+                    time.sleep(random.uniform(0, 2**attempt))  # jittered backoff: up to 1 s, then 2 s
+                elif self.landed(size):
                     break
-                if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) < 500 or last:
+                else:
                     raise
-            except NotConnectedError:
-                if last:
-                    raise
-            except HTTPClientError:  # sent, but its answer lost (timed out, connection closed): it may still run
-                if self.landed(size):
-                    break
-                raise
-            time.sleep(random.uniform(0, 2**attempt))  # jittered backoff: up to 1 s, then 2 s
         self.upload_id = None
 
     def landed(self, size: int) -> bool:
@@ -378,6 +370,14 @@ class S3Upload:
             etag = head["ETag"].strip('"')
             return head["ContentLength"] == size and ("-" not in etag or etag.endswith(f"-{len(self.parts)}"))
         return False
+
+
+def surely_ended(error: BotoCoreError | ClientError) -> bool:
+    """Whether a failed request is over at S3 too: it never reached S3, or S3 answered it with an error of its
+    own (5xx). A request whose answer was lost (timed out, connection closed) may still be running there."""
+    if isinstance(error, ClientError):
+        return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    return isinstance(error, NotConnectedError)
 
 
 def pick(mapping: dict[str, Any], *names: str) -> dict[str, Any]:

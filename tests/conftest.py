@@ -1,10 +1,12 @@
-"""Fixtures: a clean AWS environment, moto (in-process mock and real HTTP server), the app, a client."""
+"""Fixtures: a clean AWS environment, moto (in-process mock and real HTTP server), s3rver, the app, a client."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +58,50 @@ def moto_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+S3RVER_DIR = Path(__file__).resolve().parent / "s3rver"
+S3RVER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}  # its one account
+S3RVER_LISTENING = re.compile(r"S3rver listening on 127\.0\.0\.1:(\d+)")
+
+
+def installed_s3rver() -> Path:
+    """s3rver's script, installed with `npm ci` from tests/s3rver's lock file when it is missing or another version."""
+    installed = S3RVER_DIR / "node_modules" / "s3rver"
+    locked = json.loads((S3RVER_DIR / "package-lock.json").read_text())["packages"]["node_modules/s3rver"]["version"]
+    if (
+        not (installed / "package.json").exists()
+        or json.loads((installed / "package.json").read_text())["version"] != locked
+    ):
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail(
+                "the tests run s3rver, a Node S3 server: install Node.js with npm (npm ci then installs s3rver)"
+            )
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=S3RVER_DIR, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {S3RVER_DIR} failed:\n{done.stdout}{done.stderr}")
+    return installed / "bin" / "s3rver.js"
+
+
+@pytest.fixture(scope="session")
+def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """s3rver (npm `s3rver`), a second S3 implementation, on a free loopback port: its endpoint URL."""
+    script, node = installed_s3rver(), shutil.which("node")
+    if node is None:
+        pytest.fail("the tests run s3rver, a Node S3 server: install Node.js")
+    directory = tmp_path_factory.mktemp("s3rver")
+    log_path = directory / "s3rver.log"
+    with log_path.open("wb") as log:
+        command = [node, str(script), "-d", str(directory / "data"), "-a", "127.0.0.1", "-p", "0"]
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: process.poll() is not None or S3RVER_LISTENING.search(log_path.read_text()) is not None, 30)
+        if (listening := S3RVER_LISTENING.search(log_path.read_text())) is None:
+            pytest.fail(f"s3rver did not start (exit status {process.poll()}):\n{log_path.read_text()}")
+        yield f"http://127.0.0.1:{listening[1]}"
+    finally:
+        stop(process)
 
 
 @pytest.fixture
