@@ -149,9 +149,6 @@ def service(moto_url: str, workdir: Path, max_upload_bytes: int) -> Iterator[Run
         PORT=str(port),
         S3_BUCKET=BUCKET,
         S3_ENDPOINT_URL=moto_url,
-        # moto assembles a completed multipart upload in memory, which can outlast the shipped 5 s
-        # read timeout on a busy machine; this is boto3's own default, as the direct upload has.
-        S3_READ_TIMEOUT_SECONDS="60",
         MAX_UPLOAD_BYTES=str(max_upload_bytes),
         TMPDIR=str(tmpdir),
         # /proc figures are per process; more workers would be more copies of this same process.
