@@ -1,8 +1,7 @@
-"""Prompt -> PNG bytes.
+"""Prompt -> PNG bytes: the built-in placeholder image generator.
 
-This is the placeholder image generator. A real model or provider plugs in by replacing
-`render_png` with a function of the same signature: it gets the prompt and a size and returns
-PNG bytes. It is pure (no I/O) and runs in a worker thread, so it may block.
+It is pure (no I/O) and runs in a worker thread, so it may block. Real models and image APIs are
+other generators behind the same interface (generators.py, providers.py).
 """
 
 from __future__ import annotations
@@ -25,13 +24,17 @@ ELLIPSIS = "\u2026"
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
-def render_png(prompt: str, size: int = DEFAULT_SIZE) -> bytes:
-    """Draw the prompt, wrapped, in white over a dark gradient whose colours are derived from it."""
-    image = background(prompt, size)
-    margin = size // 16
-    font, lines = fit_text(prompt, size - 2 * margin)
+def render_png(prompt: str, width: int = DEFAULT_SIZE, height: int | None = None) -> bytes:
+    """Draw the prompt, wrapped, in white over a dark gradient whose colours are derived from it.
+
+    The image is `width` x `height` pixels, square when `height` is not given.
+    """
+    height = height or width
+    image = background(prompt, width, height)
+    margin = min(width, height) // 16
+    font, lines = fit_text(prompt, width - 2 * margin, height - 2 * margin)
     ImageDraw.Draw(image).multiline_text(
-        (size // 2, size // 2),
+        (width // 2, height // 2),
         "\n".join(lines),
         font=font,
         fill="white",
@@ -45,12 +48,13 @@ def render_png(prompt: str, size: int = DEFAULT_SIZE) -> bytes:
     return out.getvalue()
 
 
-def background(prompt: str, size: int) -> Image.Image:
+def background(prompt: str, width: int, height: int | None = None) -> Image.Image:
     """A smooth blend of four dark corner colours taken from the prompt's hash."""
     digest = hashlib.sha256(prompt.encode()).digest()
     corners = Image.new("RGB", (2, 2))
     corners.putdata([dark_colour(digest[i : i + 2]) for i in range(0, 8, 2)])
-    return corners.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None, box=(0.5, 0.5, 1.5, 1.5))
+    size = (width, height or width)
+    return corners.resize(size, Image.Resampling.BILINEAR, reducing_gap=None, box=(0.5, 0.5, 1.5, 1.5))
 
 
 def dark_colour(seed: bytes) -> tuple[int, int, int]:
@@ -59,16 +63,18 @@ def dark_colour(seed: bytes) -> tuple[int, int, int]:
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
-def fit_text(text: str, width: int) -> tuple[Font, list[str]]:
-    """The largest font at which the wrapped text fits a width x width box; cut short if none does."""
-    # Text of advance w at 1 px wraps into about w*px/width lines of 1.25*px each, so the text
-    # fills the box near px = width / sqrt(1.25 * w): start there rather than at the largest size.
+def fit_text(text: str, width: int, height: int | None = None) -> tuple[Font, list[str]]:
+    """The largest font at which the wrapped text fits a width x height box (square if no height); cut
+    short if none does."""
+    height = height or width
+    # Text of advance w at 1 px wraps into about w*px/width lines of 1.25*px each, so the text fills
+    # the box near px = sqrt(width * height / (1.25 * w)): start there rather than at the largest size.
     reference = load_font(LARGEST_FONT_PX)
     advance_at_1px = sum(reference.getlength(line) for line in text.splitlines()) / LARGEST_FONT_PX
-    estimate = int(width / math.sqrt(1.25 * advance_at_1px)) + 1 if advance_at_1px else LARGEST_FONT_PX
+    estimate = int(math.sqrt(width * height / (1.25 * advance_at_1px))) + 1 if advance_at_1px else LARGEST_FONT_PX
     for px in range(max(SMALLEST_FONT_PX, min(LARGEST_FONT_PX, estimate)), SMALLEST_FONT_PX - 1, -1):
         font = load_font(px)
-        max_lines = max(1, width // line_height(font))
+        max_lines = max(1, height // line_height(font))
         lines = list(islice(wrap(text, font, width), max_lines + 1))
         if len(lines) <= max_lines:
             return font, lines

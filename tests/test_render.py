@@ -48,6 +48,12 @@ def test_is_a_png_of_the_requested_size(size: int) -> None:
     assert (image.format, image.size) == ("PNG", (size, size))
 
 
+@pytest.mark.parametrize(("width", "height"), [(1024, 256), (200, 800), (64, 4096)])
+def test_is_a_png_of_the_requested_width_and_height(width: int, height: int) -> None:
+    image = decode(render.render_png("a lighthouse at dusk", width, height))
+    assert (image.format, image.size) == ("PNG", (width, height))
+
+
 def test_default_size_is_512() -> None:
     assert decode(render.render_png("a lighthouse at dusk")).size == (512, 512)
 
@@ -121,6 +127,14 @@ def test_every_line_fits_the_width(text: str, width: int) -> None:
 def test_lines_fit_the_height(text: str, width: int) -> None:
     font, lines = render.fit_text(text, width)
     assert len(lines) * render.line_height(font) <= width
+
+
+@pytest.mark.parametrize(("width", "height"), [(896, 192), (168, 704)], ids=["wide", "tall"])
+@pytest.mark.parametrize("text", [FOUR_HUNDRED_WORDS, "a lighthouse at dusk over a stormy sea " * 5])
+def test_text_fits_a_box_that_is_not_square(text: str, width: int, height: int) -> None:
+    font, lines = render.fit_text(text, width, height)
+    assert max(font.getlength(line) for line in lines) <= width + 2
+    assert len(lines) * render.line_height(font) <= height
 
 
 @pytest.mark.parametrize("text", ["a lighthouse at dusk", "Съешь же ещё этих мягких булок " * 10, "x" * 300])
