@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dotenv import load_dotenv
 from environs import Env
-from marshmallow.validate import URL, Length, OneOf, Range
+from marshmallow import ValidationError
+from marshmallow.validate import URL, Length, OneOf, Range, Regexp
 
 from storage import MAX_OBJECT_BYTES
 
 MiB = 1024 * 1024
+BACKENDS = ("placeholder", "openai", "cog", "replicate")
+OWNER_SLASH_NAME = Regexp(r"[\w.-]+/[\w.-]+\Z", error="must be owner/name")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,21 @@ class Settings:
     workers: int = 1
     client_body_timeout_seconds: float = 30.0
     max_concurrent_uploads: int = 32
+    image_backend: str = "placeholder"
+    # OpenAI lists this model in its API reference in December 2026; image model names change often.
+    image_model: str = "gpt-image-2"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = field(default=None, repr=False)
+    cog_url: str | None = None
+    cog_input: dict[str, Any] = field(default_factory=dict)
+    replicate_base_url: str = "https://api.replicate.com/v1"
+    replicate_api_token: str | None = field(default=None, repr=False)
+    replicate_model: str | None = None
+    generate_timeout_seconds: float = 120.0
+    # None: the backend's own default (generators.default_concurrency), and 4 waiting per slot.
+    generate_concurrency: int | None = None
+    generate_queue: int | None = None
+    max_image_bytes: int = 50 * MiB
 
 
 def read_settings() -> Settings:
@@ -87,9 +106,44 @@ def read_settings() -> Settings:
         max_concurrent_uploads=env.int(
             "MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads, validate=Range(1, 10_000)
         ),
+        **generator_settings(env),
     )
     env.seal()
     return settings
+
+
+def generator_settings(env: Env) -> dict[str, Any]:
+    """The image generator's settings. What the chosen backend needs has no default, so that environs
+    reports it missing by name."""
+    backend = env.str("IMAGE_BACKEND", Settings.image_backend, validate=OneOf(BACKENDS))
+    not_empty = Length(min=1, error="must not be empty")
+    url = URL(require_tld=False)
+
+    def unless(*backends: str) -> dict[str, Any]:
+        return {} if backend in backends else {"default": None}
+
+    return {
+        "image_backend": backend,
+        "image_model": env.str("IMAGE_MODEL", Settings.image_model, validate=not_empty),
+        "openai_base_url": env.str("OPENAI_BASE_URL", Settings.openai_base_url, validate=url),
+        "openai_api_key": env.str("OPENAI_API_KEY", validate=not_empty, **unless("openai")),
+        "cog_url": env.str("COG_URL", validate=url, **unless("cog")),
+        "cog_input": env.json("COG_INPUT", {}, validate=json_object),
+        "replicate_base_url": env.str("REPLICATE_BASE_URL", Settings.replicate_base_url, validate=url),
+        "replicate_api_token": env.str("REPLICATE_API_TOKEN", validate=not_empty, **unless("replicate")),
+        "replicate_model": env.str("REPLICATE_MODEL", validate=OWNER_SLASH_NAME, **unless("replicate")),
+        "generate_timeout_seconds": env.float(
+            "GENERATE_TIMEOUT_SECONDS", Settings.generate_timeout_seconds, validate=Range(1, 3600)
+        ),
+        "generate_concurrency": env.int("GENERATE_CONCURRENCY", None, validate=Range(1, 10_000)),
+        "generate_queue": env.int("GENERATE_QUEUE", None, validate=Range(0, 100_000)),
+        "max_image_bytes": env.int("MAX_IMAGE_BYTES", Settings.max_image_bytes, validate=Range(1, 1024 * MiB)),
+    }
+
+
+def json_object(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValidationError("must be a JSON object")
 
 
 def either(name: str, old_name: str) -> str:
