@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from generators import GenerationError
 from storage import StorageError
 
 log = logging.getLogger("gen_service")
@@ -26,12 +27,23 @@ async def storage_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, exc.status_code)
 
 
+async def generation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GenerationError)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+
 async def client_disconnected(request: Request, exc: Exception) -> None:
     # Nobody is left to answer, and an upload's store has already dropped what it had.
     log.info("client disconnected before sending the whole body of %s %s", request.method, request.url.path)
 
 
-EXCEPTION_HANDLERS = {HTTPException: http_error, StorageError: storage_error, ClientDisconnect: client_disconnected}
+EXCEPTION_HANDLERS = {
+    HTTPException: http_error,
+    StorageError: storage_error,
+    GenerationError: generation_error,
+    ClientDisconnect: client_disconnected,
+}
 
 # What FileResponse answers, in plain text, to a Range it cannot serve.
 RANGE_ERRORS = {400: "Range header is malformed", 416: "requested range is not satisfiable"}

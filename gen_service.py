@@ -1,6 +1,6 @@
 """Generative asset service: renders prompts to images and stores uploads, answering with links.
 
-Reads top to bottom: settings, request checks, handlers, the app, the entry point.
+Reads top to bottom: stores and generators, request checks, handlers, the app, the entry point.
 """
 
 from __future__ import annotations
@@ -10,15 +10,20 @@ import io
 import json
 import logging
 import math
-import os
+import re
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import uuid4
 
+import anyio
+import httpx
 import uvicorn
-from anyio import CapacityLimiter, to_thread
+from anyio import CapacityLimiter
 from environs import EnvError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,24 +37,39 @@ from starlette.routing import Route
 
 from body_limits import BodyLimit, BodyTimeout, file_too_large
 from errors import EXCEPTION_HANDLERS, FileWithJSONErrors, InternalErrors
+from generators import (
+    WAITING_PER_SLOT,
+    GeneratedImage,
+    GenerationError,
+    Generations,
+    Generator,
+    Placeholder,
+    Size,
+    default_concurrency,
+)
 from logs import RequestContext, logging_config
-from render import render_png
+from providers import CogPredictions, OpenAIImages, make_http_client
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser
 
 log = logging.getLogger("gen_service")
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
 READY_CACHE_SECONDS = 5
+# WIDTHxHEIGHT, each side 64..4096 pixels.
+SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
+SIDE_PIXELS = range(64, 4097)
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 HEALTHY = JSONResponse({"status": "ok"})  # built once: probes come every few seconds from every ALB node
 OPENAPI_DOCUMENT = (Path(__file__).parent / "openapi.json").read_bytes()
 
 
-# ---------------------------------------------------------------- stores
+# ---------------------------------------------------------------- stores and generators
 
 
 def make_storage(settings: Settings) -> Storage:
@@ -69,6 +89,42 @@ def make_storage(settings: Settings) -> Storage:
     )
 
 
+def make_generator(settings: Settings, client: httpx.AsyncClient | None) -> Generator:
+    """The generator IMAGE_BACKEND names; the remote ones share `client`, the process's one HTTP client."""
+    if settings.image_backend == "placeholder":
+        return Placeholder()
+    assert client is not None
+    if settings.image_backend == "openai":
+        assert settings.openai_api_key is not None
+        return OpenAIImages(
+            client,
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            model=settings.image_model,
+            max_image_bytes=settings.max_image_bytes,
+        )
+    if settings.image_backend == "cog":
+        assert settings.cog_url is not None
+        return CogPredictions.cog(client, settings.cog_url, settings.cog_input, settings.max_image_bytes)
+    assert settings.replicate_api_token is not None and settings.replicate_model is not None
+    return CogPredictions.replicate(
+        client,
+        settings.replicate_base_url,
+        settings.replicate_api_token,
+        settings.replicate_model,
+        settings.cog_input,
+        settings.max_image_bytes,
+    )
+
+
+def make_generations(settings: Settings, generator: Generator) -> Generations:
+    concurrency = settings.generate_concurrency or default_concurrency(settings.image_backend)
+    queue = WAITING_PER_SLOT * concurrency if settings.generate_queue is None else settings.generate_queue
+    return Generations(
+        generator, concurrency=concurrency, queue=queue, timeout_seconds=settings.generate_timeout_seconds
+    )
+
+
 # ---------------------------------------------------------------- request checks
 
 
@@ -85,7 +141,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
-async def read_prompt(request: Request) -> str:
+async def read_generate_request(request: Request) -> tuple[str, Size | None]:
     # A missing Content-Type is read as JSON, as the service we replace did.
     given = media_type(request)
     if given not in ("", "application/json") and not given.endswith("+json"):
@@ -110,7 +166,16 @@ async def read_prompt(request: Request) -> str:
         prompt.encode()
     except UnicodeEncodeError:  # JSON can carry lone surrogates ("\\ud800"), which are not text
         raise HTTPException(422, "prompt must be valid Unicode text") from None
-    return prompt
+    return prompt, requested_size(body.get("size"))
+
+
+def requested_size(size: object) -> Size | None:
+    if size is None:
+        return None
+    match = SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match is None or not all(int(side) in SIDE_PIXELS for side in match.groups()):
+        raise HTTPException(422, "size must be WIDTHxHEIGHT, each from 64 to 4096 pixels")
+    return Size(int(match[1]), int(match[2]))
 
 
 def answer(storage: Storage, key: str, stored: Stored, content_type: str) -> dict[str, Any]:
@@ -140,17 +205,42 @@ def remove_quietly(storage: Storage, key: str) -> None:
         log.exception("could not remove %s, stored for a request that failed", key)
 
 
-def store_png(storage: Storage, png: bytes) -> dict[str, Any]:
-    key = f"generated/{uuid4().hex}.png"
-    stored = storage.put(key, io.BytesIO(png), content_type="image/png", content_disposition="inline")
-    return answer(storage, key, stored, "image/png")
+def store_image(storage: Storage, image: GeneratedImage) -> dict[str, Any]:
+    key = f"generated/{uuid4().hex}.{EXTENSIONS[image.media_type]}"
+    stored = storage.put(key, io.BytesIO(image.data), content_type=image.media_type, content_disposition="inline")
+    return answer(storage, key, stored, image.media_type)
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """What `work()` returns, or None if the caller hangs up first: `work` is then cancelled (a provider's
+    request with it, which closes that connection)."""
+
+    async def cancel_on_disconnect() -> None:
+        # The body has been read: what the server sends next is the disconnect, if it comes.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        group.cancel_scope.cancel()
+
+    result, error = None, None
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancel_on_disconnect)
+        try:
+            result = await work()
+        except Exception as raised:  # re-raised below as it is, not wrapped in the task group's ExceptionGroup
+            error = raised
+        group.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 class Readiness:
-    """The storage check behind /ready, cached so that load balancer probes never hammer S3."""
+    """The storage and generator checks behind /ready, cached so that load balancer probes never hammer
+    S3 or the model."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, generator: Generator) -> None:
         self.storage = storage
+        self.generator = generator
         self.checked_at = -math.inf
         self.problem: str | None = None
 
@@ -158,8 +248,9 @@ class Readiness:
         if time.monotonic() - self.checked_at >= READY_CACHE_SECONDS:
             try:
                 await run_in_threadpool(self.storage.check)
+                await self.generator.check()
                 self.problem = None
-            except StorageError as error:
+            except (StorageError, GenerationError) as error:
                 self.problem = error.detail
             self.checked_at = time.monotonic()
         return self.problem
@@ -179,11 +270,13 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-async def generate(request: Request) -> JSONResponse:
+async def generate(request: Request) -> Response:
     require_token(request)
-    prompt = await read_prompt(request)
-    png = await to_thread.run_sync(render_png, prompt, limiter=request.app.state.render_slots)
-    return JSONResponse(await run_in_threadpool(store_png, request.app.state.storage, png))
+    prompt, size = await read_generate_request(request)
+    image = await unless_disconnected(request, partial(request.app.state.generations.run, prompt, size))
+    if image is None:  # nothing is stored; 499 (client closed request) is for the access line, nobody reads it
+        return Response(status_code=499)
+    return JSONResponse(await run_in_threadpool(store_image, request.app.state.storage, image))
 
 
 async def upload(request: Request) -> JSONResponse:
@@ -229,9 +322,18 @@ async def download(request: Request) -> FileWithJSONErrors:
 # ---------------------------------------------------------------- app
 
 
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    # The remote generators' HTTP client opens its connection pool here and closes it at shutdown.
+    async with app.state.http_client or nullcontext():
+        yield
+
+
 def create_app(settings: Settings | None = None, storage: Storage | None = None) -> Starlette:
     settings = settings or read_settings()
     storage = storage or make_storage(settings)
+    http_client = None if settings.image_backend == "placeholder" else make_http_client()
+    generator = make_generator(settings, http_client)
     generate_limit = Middleware(
         BodyLimit, limit=GENERATE_BODY_LIMIT, detail=f"request body is larger than {GENERATE_BODY_LIMIT} bytes"
     )
@@ -258,17 +360,19 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             Middleware(InternalErrors),
             Middleware(BodyTimeout, seconds=settings.client_body_timeout_seconds),
         ],
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.storage = storage
-    app.state.readiness = Readiness(storage)
-    # Rendering holds the GIL: more renders at once than cores only adds switching, not throughput.
-    app.state.render_slots = CapacityLimiter(os.cpu_count() or 1)
+    app.state.http_client = http_client
+    app.state.generations = make_generations(settings, generator)
+    app.state.readiness = Readiness(storage, generator)
     # What bounds the memory of uploads (see upload_stream.py), and threads of their own, so that
     # uploads never take the threads that storing generated images and storage checks need.
     app.state.upload_slots = CapacityLimiter(settings.max_concurrent_uploads)
     app.state.upload_threads = CapacityLimiter(settings.max_concurrent_uploads)
     log.info("storage: %s", storage.describe())
+    log.info("image generator: %s", generator.describe())
     return app
 
 

@@ -41,7 +41,8 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             }
         },
         "root": {"handlers": ["stdout"], "level": level},
-        "loggers": {name: {"level": level} for name in ("uvicorn", "uvicorn.error")},
+        # httpx logs every request's URL at INFO: an image provider's links can carry credentials.
+        "loggers": {**{name: {"level": level} for name in ("uvicorn", "uvicorn.error")}, "httpx": {"level": "WARNING"}},
     }
 
 

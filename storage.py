@@ -53,7 +53,7 @@ COMPLETE_ATTEMPTS = 3
 LOCAL_PART_BYTES = 1024 * 1024
 # The only keys the service ever makes: the local store refuses to serve anything else.
 KEY_PREFIXES = ("uploads", "generated")
-KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.png)?")
+KEY_PATTERN = re.compile(r"(uploads|generated)/[0-9a-f]{32}(\.(png|jpg|webp))?")
 METADATA_SUFFIX = ".json"
 EXPIRES = re.compile(r"[0-9]{1,12}")
 

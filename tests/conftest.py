@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,16 +22,24 @@ from uuid import uuid4
 import boto3
 import httpx
 import pytest
+import trustme
+from fake_providers import API_KEY, FakeProviders, Served
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
+import providers
 from settings import Settings
 from storage import LocalStorage
 
 Download = Callable[[str], Awaitable[httpx.Response]]
+
+
+class Certificate(NamedTuple):
+    server: Path  # key and certificate chain, in one PEM file
+    authority: Path
 
 
 @pytest.fixture
@@ -221,6 +229,7 @@ STARTUP_SECONDS = 15
 SERVICE_VARIABLES = re.compile(
     r"HOST|PORT|S3_\w+|s3_\w+|LOCAL_STORAGE_DIR|PUBLIC_BASE_URL|MAX_UPLOAD_BYTES|MAX_PROMPT_CHARS|API_TOKEN"
     r"|LOG_FORMAT|LOG_LEVEL|SHUTDOWN_GRACE_SECONDS|WORKERS"
+    r"|IMAGE_\w+|OPENAI_\w+|COG_\w+|REPLICATE_\w+|GENERATE_\w+|MAX_IMAGE_BYTES|SSL_CERT_FILE"
 )
 
 
@@ -442,3 +451,68 @@ def stored_before_types_were_checked(store: LocalStorage) -> str:
     key = f"uploads/{'0' * 32}"
     store.put(key, io.BytesIO(b"old"), content_type="text/plain\n;x", content_disposition="attachment")
     return store.link(key).url
+
+
+# ---------------------------------------------------------------- fake image providers
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A TLS certificate for 127.0.0.1, and the CA that signed it (to trust with SSL_CERT_FILE)."""
+    authority = trustme.CA()
+    directory = tmp_path_factory.mktemp("tls")
+    certificate = Certificate(directory / "server.pem", directory / "ca.pem")
+    authority.cert_pem.write_to_path(str(certificate.authority))
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(certificate.server))
+    return certificate
+
+
+@pytest.fixture(scope="session")
+def served_providers(certificate: Certificate) -> Iterator[FakeProviders]:
+    """The fake image providers on 127.0.0.1, over HTTP and, at their `https_url`, over HTTPS."""
+    providers = FakeProviders()
+    http, https = Served(providers.app), Served(providers.app, certificate.server)
+    providers.base_url, providers.https_url = http.url, https.url
+    yield providers
+    http.close()
+    https.close()
+
+
+@pytest.fixture
+def fake(served_providers: FakeProviders, certificate: Certificate, monkeypatch: pytest.MonkeyPatch) -> FakeProviders:
+    """The fake providers with no plan and nothing seen; their CA is trusted by HTTP clients made from now on."""
+    served_providers.reset()
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate.authority))
+    return served_providers
+
+
+MODEL = "acme/painter"  # the Replicate model the fakes answer for
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+def remote(local_settings: Settings, fake: FakeProviders, monkeypatch: pytest.MonkeyPatch) -> MakeSettings:
+    """Settings of a remote backend pointed at the fakes, on the local store; Replicate is polled every 50 ms."""
+    monkeypatch.setattr(providers, "POLL_SECONDS", 0.05)
+
+    def make(backend: str, **overrides: object) -> Settings:
+        endpoints: dict[str, dict[str, object]] = {
+            "openai": {"openai_base_url": f"{fake.base_url}/v1", "openai_api_key": API_KEY},
+            "cog": {"cog_url": fake.base_url},
+            "replicate": {
+                "replicate_base_url": f"{fake.base_url}/v1",
+                "replicate_api_token": API_KEY,
+                "replicate_model": MODEL,
+            },
+        }
+        return replace(local_settings, image_backend=backend, **{**endpoints[backend], **overrides})
+
+    return make
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app, with its lifespan run (which opens and closes the providers' HTTP client)."""
+    app = gen_service.create_app(settings)
+    async with app.router.lifespan_context(app), await asgi_client(app) as client:
+        yield client

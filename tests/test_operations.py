@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 
 import errors
 import gen_service
+import generators
 import logs
 import storage
 from conftest import HOLD_SECONDS, Download, as_servers_send, asgi_client, in_chunks, stored_before_types_were_checked
@@ -129,7 +130,7 @@ async def test_errors_carry_a_request_id_too(client: httpx.AsyncClient, path: st
 async def test_an_unexpected_error_is_a_json_500_with_an_id(
     local_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gen_service, "render_png", lambda prompt: 1 / 0)
+    monkeypatch.setattr(generators, "render_png", lambda prompt: 1 / 0)
     app = gen_service.create_app(local_settings)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
@@ -254,7 +255,7 @@ async def test_health_answers_while_a_render_and_a_store_are_held(
 
         return wait_then_work
 
-    monkeypatch.setattr(gen_service, "render_png", held("render", gen_service.render_png))
+    monkeypatch.setattr(generators, "render_png", held("render", generators.render_png))
     for upload in (storage.LocalUpload, storage.S3Upload):
         for step in ("write", "commit"):
             monkeypatch.setattr(upload, step, held("store", getattr(upload, step)))

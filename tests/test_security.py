@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 import gen_service
+import generators
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -462,7 +463,7 @@ async def test_an_unexpected_error_is_a_bare_500(
     def render_png(prompt: str) -> bytes:
         raise RuntimeError(f"Traceback: cannot read {tmp_path}/model with {ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}")
 
-    monkeypatch.setattr(gen_service, "render_png", render_png)
+    monkeypatch.setattr(generators, "render_png", render_png)
     async with client_of(gen_service.create_app(local_settings)) as client:
         response = await client.post("/generate", json={"prompt": "a fox"})
 
