@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 
 import gen_service
 from conftest import MODEL, SCRIPT, MakeSettings, Server, StartServer, asgi_client, service_env
+from raw_http import connect, request_head
 
 pytestmark = pytest.mark.anyio
 
@@ -55,15 +55,10 @@ def test_a_caller_who_leaves_closes_the_providers_connection_and_nothing_is_stor
 ) -> None:
     fake.plan("generate", Answer(hold=True))
     server = remote_server(start_server, fake, data_dir, backend, LOG_LEVEL="DEBUG")
-    port = int(server.base_url.rsplit(":", 1)[1])
     body = json.dumps({"prompt": "a fox"}).encode()
 
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as caller:
-        caller.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    with connect(server) as caller:
+        caller.sendall(request_head("/generate", {"Content-Length": str(len(body))}) + body)
         assert fake.wait_until(lambda: fake.holding == 1)
     # The caller has gone; the service closes its own request to the provider.
 
