@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
@@ -98,7 +99,8 @@ async def test_a_full_queue_answers_503_at_once(remote: MakeSettings, fake: Fake
         calls = [asyncio.create_task(client.post("/generate", json={"prompt": f"fox {n}"})) for n in range(5)]
         await asyncio.to_thread(fake.wait_until, lambda: fake.holding == 2 and generations.admitted == 5)
 
-        refused = await client.post("/generate", json={"prompt": "one too many"})
+        with anyio.fail_after(10):  # not waiting for a place: without the bound it would wait for the others
+            refused = await client.post("/generate", json={"prompt": "one too many"})
         still_waiting = fake.holding == 2 and not any(call.done() for call in calls)
         fake.release()
         answers = await asyncio.gather(*calls)
