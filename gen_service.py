@@ -48,7 +48,8 @@ from generators import (
     default_concurrency,
 )
 from logs import RequestContext, logging_config
-from providers import CogPredictions, OpenAIImages, make_http_client
+from provider_http import make_http_client
+from providers import CogPredictions, OpenAIImages
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser
