@@ -176,12 +176,12 @@ def refused(reason: str) -> GenerationError:
 
 def rejected(error: ImageRejected) -> GenerationError:
     log.warning("image generator sent %s", error)
-    return GenerationError(502, f"image generator sent {error}", "bad image")
+    return GenerationError(502, f"image generator sent {error}", "bad_image")
 
 
 def unusable(what: str) -> GenerationError:
     log.warning("image generator sent an answer without %s", what)
-    return GenerationError(502, f"image generator sent no {what}", "bad image")
+    return GenerationError(502, f"image generator sent no {what}", "bad_image")
 
 
 def origin(url: httpx.URL | str) -> str:
@@ -236,5 +236,5 @@ class ImageReader:
         )
         if not reply.ok:
             log.warning("image generator's image at %s answered HTTP %s", origin(url), reply.status)
-            raise GenerationError(502, f"image generator's image URL answered HTTP {reply.status}", "bad image")
+            raise GenerationError(502, f"image generator's image URL answered HTTP {reply.status}", "bad_image")
         return await self.checked(reply.body)

@@ -172,12 +172,13 @@ class CogPredictions:
             headers["Prefer"] = f"wait={max(1, min(REPLICATE_WAIT_SECONDS, int(remaining)))}"
         request = self.client.build_request("POST", self.predictions_url, json=body, headers=headers)
         reply = await exchange(self.client, request, self.images.json_limit, generation)
+        generation.provider_id = reply.headers.get("x-request-id")  # until there is a prediction id
         if not reply.ok:
             raise error_for(reply, cog_problem(reply), secret=self.token)
         prediction = await self.images.parsed(reply)
         if not isinstance(prediction, dict):
             raise unusable("prediction")
-        generation.provider_id = prediction.get("id")
+        generation.provider_id = prediction.get("id") or generation.provider_id
         prediction = await self.until_finished(prediction)
         if prediction.get("status") != "succeeded":
             raise failed(prediction)
@@ -242,7 +243,9 @@ class CogPredictions:
             )
 
     def describe(self) -> str:
-        return f"Cog model at {origin(self.predictions_url)}" + (f", model {self.model}" if self.model else "")
+        if self.backend == "replicate":
+            return f"Replicate at {origin(self.predictions_url)}, model {self.model}"
+        return f"Cog container at {origin(self.predictions_url)}"
 
 
 def cog_problem(reply: Reply) -> Problem:

@@ -10,6 +10,10 @@
 
 Each test scripts what the next generation requests get (`plan`); without a plan, each route answers
 its documented success with `image`. Every request is recorded, and so is every caller that left.
+
+To try the backends by hand, serve the fakes on a port of your choosing (any key is then accepted):
+
+    python tests/fake_providers.py 8089
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import itertools
 import json
 import random
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -110,7 +115,8 @@ class Seen(NamedTuple):
 
 
 class FakeProviders:
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = API_KEY) -> None:
+        self.api_key = api_key  # None: any bearer token will do
         self.plans: dict[str, deque[Answer]] = defaultdict(deque)
         self.seen: list[Seen] = []
         self.files: dict[str, bytes] = {}
@@ -121,6 +127,8 @@ class FakeProviders:
         self.app = Starlette(
             routes=[
                 Route("/v1/images/generations", self.openai_generate, methods=["POST"]),
+                # Azure OpenAI's v1 API: the same API under /openai/v1.
+                Route("/openai/v1/images/generations", self.openai_generate, methods=["POST"]),
                 Route("/predictions", self.cog_predict, methods=["POST"]),
                 Route("/health-check", self.cog_health),
                 Route("/v1/models/{owner}/{name}/predictions", self.replicate_create, methods=["POST"]),
@@ -207,7 +215,8 @@ class FakeProviders:
             self.holding -= 1
 
     def authorized(self, request: Request) -> bool:
-        return request.headers.get("authorization") == f"Bearer {API_KEY}"
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme == "Bearer" and bool(token) and token == (self.api_key or token)
 
     async def openai_generate(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -257,9 +266,10 @@ def parsed(body: bytes) -> Any:
 class Served:
     """An ASGI app served by uvicorn in a thread of this process, on a port of its own on 127.0.0.1."""
 
-    def __init__(self, app: Any, certificate: Path | None = None) -> None:
+    def __init__(self, app: Any, certificate: Path | None = None, port: int = 0) -> None:
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port of one's choosing may be in TIME_WAIT
+        sock.bind(("127.0.0.1", port))
         scheme = "https" if certificate else "http"
         self.url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
         tls = {"ssl_certfile": str(certificate), "ssl_keyfile": str(certificate)} if certificate else {}
@@ -277,3 +287,16 @@ class Served:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+if __name__ == "__main__":
+    providers = FakeProviders(api_key=None)
+    served = Served(providers.app, port=int(sys.argv[1]) if len(sys.argv) > 1 else 8089)
+    providers.base_url = served.url
+    print(
+        f"fake image providers at {served.url}: OpenAI {served.url}/v1, Azure {served.url}/openai/v1, Cog {served.url}"
+    )
+    try:
+        served.thread.join()
+    except KeyboardInterrupt:
+        served.close()
