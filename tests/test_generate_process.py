@@ -175,7 +175,7 @@ def test_credentialed_urls_never_reach_the_log(
     assert fake.requests("/files/signed.png")  # the link was fetched...
     assert "s3cr3t-signature" not in server.log() and "pa55word" not in server.log()  # ...and never logged
     assert (
-        f"image generator: {'OpenAI-compatible images API' if backend == 'openai' else 'Cog model'} at http://127.0.0.1:"
+        f"image generator: {'OpenAI-compatible images API' if backend == 'openai' else 'Cog container'} at http://127.0.0.1:"
         in server.log()
     )
 
