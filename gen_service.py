@@ -392,8 +392,7 @@ def main() -> None:
         port=settings.port,
         log_config=logging_config(settings.log_format, settings.log_level),
         access_log=False,  # RequestContext logs each request, with its id and without query strings
-        # Longer than the ALB's 60 s idle timeout, so the ALB never reuses a connection we closed.
-        timeout_keep_alive=65,
+        timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         server_header=False,
     )

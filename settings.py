@@ -41,6 +41,8 @@ class Settings:
     workers: int = 1
     client_body_timeout_seconds: float = 30.0
     max_concurrent_uploads: int = 32
+    # Longer than the ALB's idle timeout (60 s by default), so the ALB never reuses a connection we closed.
+    keep_alive_seconds: int = 65
     image_backend: str = "placeholder"
     # OpenAI lists this model in its API reference in December 2026; image model names change often.
     image_model: str = "gpt-image-2"
@@ -106,6 +108,7 @@ def read_settings() -> Settings:
         max_concurrent_uploads=env.int(
             "MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads, validate=Range(1, 10_000)
         ),
+        keep_alive_seconds=env.int("KEEP_ALIVE_SECONDS", Settings.keep_alive_seconds, validate=Range(1, 4000)),
         **generator_settings(env),
     )
     env.seal()

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -134,6 +135,17 @@ async def test_health_answers_while_50_generations_wait_on_the_provider(
     assert threads_waiting <= threads_idle + 2
     assert [answer.status_code for answer in answers] == [200] * 50
     assert len([path for path in generated_files(data_dir) if path.suffix == ".png"]) == 50
+
+
+def test_idle_connections_are_kept_for_keep_alive_seconds(start_server: StartServer, data_dir: Path) -> None:
+    """Raising the ALB's idle timeout for long generations needs the service's keep-alive raised above it."""
+    server = start_server({"LOCAL_STORAGE_DIR": str(data_dir), "KEEP_ALIVE_SECONDS": "2"})
+    with connect(server) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert connection.recv(4096) == b""  # the server closed the idle connection...
+        assert 1.5 <= time.monotonic() - started < 10  # ...after about KEEP_ALIVE_SECONDS
 
 
 # ---------------------------------------------------------------- credentials and configuration
