@@ -393,18 +393,21 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def generate_run(running: Running, count: int, run: int) -> dict[str, float]:
+def generate_run(
+    running: Running, count: int, run: int, alone: Callable[[str], object] = render_png, name: str = "render"
+) -> dict[str, float]:
+    """CPU per /generate in the service, and of `alone` (what the request cannot do without) per prompt."""
     prompt_list = prompts(count, run)
     cpu_before = cpu_seconds(running.pid)
     latencies, probes = asyncio.run(generate_load(running.base_url, prompt_list, concurrency=8))
     service_cpu = cpu_seconds(running.pid) - cpu_before
-    render_before = time.process_time()
+    alone_before = time.process_time()
     for prompt in prompt_list:
-        render_png(prompt)
-    render_cpu = time.process_time() - render_before
+        alone(prompt)
+    alone_cpu = time.process_time() - alone_before
     return {
         "service_cpu_ms": 1000 * service_cpu / count,
-        "render_cpu_ms": 1000 * render_cpu / count,
+        f"{name}_cpu_ms": 1000 * alone_cpu / count,
         "p50_ms": 1000 * percentile(latencies, 0.50),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "health_p99_during_generate_ms": 1000 * percentile(probes, 0.99),
@@ -493,20 +496,11 @@ def remote_settings(api_url: str, **more: str) -> dict[str, str]:
 
 def remote_cpu_run(running: Running, image: bytes, count: int, run: int) -> dict[str, float]:
     """CPU per /generate against an API that answers at once, and the image check alone on the same image."""
-    cpu_before = cpu_seconds(running.pid)
-    latencies, probes = asyncio.run(generate_load(running.base_url, prompts(count, run), concurrency=8))
-    service_cpu = cpu_seconds(running.pid) - cpu_before
-    check_before = time.process_time()
-    for _ in range(count):
-        image_media_type(image, len(image))
-    check_cpu = time.process_time() - check_before
-    return {
-        "service_cpu_ms": 1000 * service_cpu / count,
-        "check_cpu_ms": 1000 * check_cpu / count,
-        "p50_ms": 1000 * percentile(latencies, 0.50),
-        "health_p99_during_generate_ms": 1000 * percentile(probes, 0.99),
-        "image_bytes": len(image),
-    }
+
+    def check(prompt: str) -> str:
+        return image_media_type(image, len(image))
+
+    return generate_run(running, count, run, alone=check, name="check") | {"image_bytes": len(image)}
 
 
 # Probes /health every 20 ms on one keep-alive connection until terminated, from a process of its own so

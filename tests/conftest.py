@@ -278,6 +278,12 @@ def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.05)
 
 
+def exit_of(workdir: Path, overrides: Mapping[str, str | None]) -> subprocess.CompletedProcess[str]:
+    """`python gen_service.py` with `overrides`, for settings that must stop it before it serves."""
+    command = [sys.executable, str(SCRIPT)]
+    return subprocess.run(command, cwd=workdir, env=service_env(overrides), capture_output=True, text=True, timeout=30)
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """SIGTERM, as a supervisor would, then SIGKILL if the process is still there after `timeout`."""
     if process.poll() is None:

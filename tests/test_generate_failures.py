@@ -59,6 +59,11 @@ def replicate(status: int, title: str, **headers: str) -> Answer:
     return Answer(status, problem(status, title, f"{title}: details"), headers=headers)
 
 
+def misconfigured(backend: str, answer: Answer, code: str, attempts: int = 1) -> Failure:
+    """An answer only the operator can fix, `attempts` times: 502 naming the provider's code or title."""
+    return Failure(backend, [answer] * attempts, 502, f"image generator refused the request ({code})", attempts)
+
+
 REFUSED = "the image generator refused the prompt"
 FAILURES = {
     # Refusals of the prompt: 422, never retried.
@@ -109,51 +114,24 @@ FAILURES = {
         f"{REFUSED}: All images contained NSFW content.",
     ),
     # What the caller cannot fix: 502 naming the provider's code or title, never retried.
-    "openai-bad-key": Failure(
-        "openai", [openai(401, "invalid_api_key")], 502, "image generator refused the request (invalid_api_key)"
+    "openai-bad-key": misconfigured("openai", openai(401, "invalid_api_key"), "invalid_api_key"),
+    "openai-unverified": misconfigured(
+        "openai", openai(403, None, "Your organization must be verified"), "invalid_request_error"
     ),
-    "openai-unverified": Failure(
-        "openai",
-        [openai(403, None, "Your organization must be verified")],
-        502,
-        "image generator refused the request (invalid_request_error)",
+    "openai-unknown-model": misconfigured("openai", openai(404, "model_not_found"), "model_not_found"),
+    "openai-billing": misconfigured("openai", openai(402, "billing_not_active"), "billing_not_active"),
+    "openai-quota": misconfigured(
+        "openai", openai(429, "insufficient_quota", kind="insufficient_quota"), "insufficient_quota", attempts=3
     ),
-    "openai-unknown-model": Failure(
-        "openai", [openai(404, "model_not_found")], 502, "image generator refused the request (model_not_found)"
+    "openai-bad-size": misconfigured("openai", openai(400, "invalid_value"), "invalid_value"),
+    "openai-not-json": misconfigured("openai", Answer(400, body=b"<html>bad gateway</html>"), "HTTP 400"),
+    "cog-bad-input": misconfigured(
+        "cog", Answer(422, {"detail": [{"loc": ["body", "input", "steps"], "msg": "not an int"}]}), "HTTP 422"
     ),
-    "openai-billing": Failure(
-        "openai", [openai(402, "billing_not_active")], 502, "image generator refused the request (billing_not_active)"
-    ),
-    "openai-quota": Failure(
-        "openai",
-        [openai(429, "insufficient_quota", kind="insufficient_quota")] * 3,
-        502,
-        "image generator refused the request (insufficient_quota)",
-        3,
-    ),
-    "openai-bad-size": Failure(
-        "openai", [openai(400, "invalid_value")], 502, "image generator refused the request (invalid_value)"
-    ),
-    "openai-not-json": Failure(
-        "openai", [Answer(400, body=b"<html>bad gateway</html>")], 502, "image generator refused the request (HTTP 400)"
-    ),
-    "cog-bad-input": Failure(
-        "cog",
-        [Answer(422, {"detail": [{"loc": ["body", "input", "steps"], "msg": "not an int", "type": "type_error"}]})],
-        502,
-        "image generator refused the request (HTTP 422)",
-    ),
-    "replicate-bad-token": Failure(
-        "replicate", [replicate(401, "Unauthenticated")], 502, "image generator refused the request (Unauthenticated)"
-    ),
-    "replicate-unknown-model": Failure(
-        "replicate", [replicate(404, "Not found")], 502, "image generator refused the request (Not found)"
-    ),
-    "replicate-bad-input": Failure(
-        "replicate",
-        [replicate(422, "Input validation failed")],
-        502,
-        "image generator refused the request (Input validation failed)",
+    "replicate-bad-token": misconfigured("replicate", replicate(401, "Unauthenticated"), "Unauthenticated"),
+    "replicate-unknown-model": misconfigured("replicate", replicate(404, "Not found"), "Not found"),
+    "replicate-bad-input": misconfigured(
+        "replicate", replicate(422, "Input validation failed"), "Input validation failed"
     ),
     "cog-model-failed": Failure("cog", [prediction_failed("CUDA out of memory")], 502, "image generator failed"),
     "replicate-canceled": Failure(

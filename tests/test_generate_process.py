@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 
 import gen_service
-from conftest import MODEL, SCRIPT, MakeSettings, Server, StartServer, asgi_client, service_env
+from conftest import MODEL, MakeSettings, Server, StartServer, asgi_client, exit_of
 from raw_http import connect, request_head
 
 pytestmark = pytest.mark.anyio
@@ -215,14 +213,7 @@ def test_credentialed_urls_never_reach_the_log(
 def test_a_backend_configured_wrong_stops_the_process_naming_the_variable(
     workdir: Path, overrides: dict[str, str], named: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        cwd=workdir,
-        env=service_env(overrides),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = exit_of(workdir, overrides)
     assert result.returncode != 0
     [line] = result.stderr.splitlines()
     assert line.startswith("gen_service: invalid setting: ") and f"{named}:" in line

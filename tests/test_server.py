@@ -25,11 +25,11 @@ from conftest import (
     SCRIPT,
     Server,
     StartServer,
+    exit_of,
     free_port,
     keys_in,
     query_value,
     s3_key,
-    service_env,
     stop,
     upload,
     write_dotenv,
@@ -197,14 +197,7 @@ def test_local_startup_log_names_directory(local_server: Server, data_dir: Path)
 def test_invalid_setting_stops_the_process(workdir: Path, overrides: dict[str, str]) -> None:
     [name] = overrides
 
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        cwd=workdir,
-        env=service_env(overrides),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = exit_of(workdir, overrides)
 
     assert result.returncode != 0
     assert len(result.stderr.splitlines()) == 1, result.stderr
