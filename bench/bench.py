@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import random
 import re
@@ -478,7 +479,7 @@ def noisy_png(side: int) -> bytes:
 
 @contextmanager
 def fake_image_api(workdir: Path, image: bytes, delay: float) -> Iterator[str]:
-    """bench/fake_image_api.py in its own process; its base URL, for OPENAI_BASE_URL."""
+    """bench/fake_image_api.py in its own process; its base URL, for OPENAI_BASE_URL (and `/held`)."""
     port, image_file = free_port(), workdir / f"fake-image-{len(image)}.png"
     image_file.write_bytes(image)
     command = [sys.executable, str(ROOT / "bench" / "fake_image_api.py"), str(port), str(delay), str(image_file)]
@@ -542,20 +543,25 @@ async def post_generate_raw(port: int, number: int) -> tuple[int, float]:
     return int(head.split()[1]), answered
 
 
-def remote_hold_run(running: Running, count: int, delay: float) -> dict[str, float]:
-    """`count` generations at once against an API that answers each after `delay` s: what holding them
+def remote_hold_run(running: Running, api: str, count: int) -> dict[str, float]:
+    """`count` generations at once against an API (`api`) that holds each a while: what holding them
     costs (memory, threads) and whether /health stays quick meanwhile."""
     rss_before, threads_before = proc_status(running.pid, "VmRSS") / 1024, proc_status(running.pid, "Threads")
     samples: list[tuple[float, int]] = []
     sampling = True
+    all_held = math.inf  # when the API holds every generation
 
-    def sample_threads() -> None:
-        while sampling:
-            samples.append((time.monotonic(), proc_status(running.pid, "Threads")))
-            time.sleep(0.05)
+    def sample() -> None:
+        nonlocal all_held
+        with httpx.Client() as client:
+            while sampling:
+                samples.append((time.monotonic(), proc_status(running.pid, "Threads")))
+                if all_held == math.inf and int(client.get(f"{api}/held").text) == count:
+                    all_held = time.monotonic()
+                time.sleep(0.05)
 
     probe = subprocess.Popen([sys.executable, "-c", PROBE_SCRIPT, str(running.port)], stdout=subprocess.PIPE, text=True)
-    sampler = threading.Thread(target=sample_threads)
+    sampler = threading.Thread(target=sample)
     sampler.start()
     time.sleep(0.5)  # probes of the idle service first
 
@@ -573,10 +579,11 @@ def remote_hold_run(running: Running, count: int, delay: float) -> dict[str, flo
     probes = [
         (float(at), float(seconds)) for at, seconds in map(str.split, probe.communicate(timeout=60)[0].splitlines())
     ]
+    # While every generation waits on the API: from when it holds them all to the first answer.
     first_answer = min(answered for _, answered in answers)
-    # While every generation waits on the API: from a second after sending began to the first answer.
-    waiting = [threads for at, threads in samples if sent + 1 <= at < first_answer]
+    waiting = [threads for at, threads in samples if all_held <= at < first_answer]
     latencies = [seconds for _, seconds in probes]
+    latencies_waiting = [seconds for at, seconds in probes if all_held <= at < first_answer] or [math.nan]
     return {
         "succeeded": sum(status == 200 for status, _ in answers),
         "seconds": done - sent,
@@ -586,8 +593,8 @@ def remote_hold_run(running: Running, count: int, delay: float) -> dict[str, flo
         "threads_while_waiting": max(waiting, default=0),
         "threads_most": max(threads for _, threads in samples),
         "health_p99_ms": 1000 * percentile(latencies, 0.99),
-        "health_p99_while_waiting_ms": 1000
-        * percentile([s for at, s in probes if sent + 1 <= at < first_answer], 0.99),
+        "health_p99_while_waiting_ms": 1000 * percentile(latencies_waiting, 0.99),
+        "seconds_to_hold_all": all_held - sent,
         "health_max_ms": 1000 * max(latencies),
     }
 
@@ -766,7 +773,7 @@ def remote_runs(start: Callable[..., Any], workdir: Path, runs: int, requests: i
         with fake_image_api(workdir, small_image, delay=HELD_SECONDS) as slow_api:
             with start(**remote_settings(slow_api, GENERATE_CONCURRENCY=str(HELD))) as running:
                 asyncio.run(generate_load(running.base_url, prompts(8, -1), concurrency=8))  # warm-up
-                hold_runs.append(remote_hold_run(running, HELD, HELD_SECONDS))
+                hold_runs.append(remote_hold_run(running, slow_api, HELD))
         print(f"remote run {run + 1}: {hold_runs[-1]['succeeded']:.0f} of {HELD} held", file=sys.stderr)
     sizes = {"held_image_bytes": len(small_image)}
     return [cpu | held | sizes for cpu, held in zip(cpu_runs, hold_runs, strict=True)]
