@@ -23,7 +23,6 @@ import boto3
 import httpx
 import pytest
 import trustme
-from fake_providers import API_KEY, FakeProviders, Served
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from starlette.applications import Starlette
@@ -31,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
 import providers
+from fake_providers import API_KEY, FakeProviders, Served
 from settings import Settings
 from storage import LocalStorage
 

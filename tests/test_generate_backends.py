@@ -9,11 +9,11 @@ import logging
 import re
 
 import pytest
-from fake_providers import API_KEY, JPEG, PNG, WEBP, Answer, FakeProviders, data_url, openai_link
 from PIL import Image
 
 import gen_service
 from conftest import MODEL, MakeSettings, free_port, serving
+from fake_providers import API_KEY, JPEG, PNG, WEBP, Answer, FakeProviders, data_url, openai_link
 from settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
+
+from conftest import MakeSettings, free_port, serving
 from fake_providers import (
     API_KEY,
     GIF,
@@ -28,8 +30,6 @@ from fake_providers import (
     openai_link,
     problem,
 )
-
-from conftest import MakeSettings, free_port, serving
 from settings import Settings
 
 pytestmark = pytest.mark.anyio

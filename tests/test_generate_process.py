@@ -12,10 +12,10 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 
 import gen_service
 from conftest import MODEL, MakeSettings, Server, StartServer, asgi_client, exit_of
+from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 from raw_http import connect, request_head
 
 pytestmark = pytest.mark.anyio
