@@ -17,17 +17,17 @@ from storage import StorageError
 log = logging.getLogger("gen_service")
 
 
-async def http_error(request: Request, exc: Exception) -> JSONResponse:
+async def http_error_answer(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
-async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+async def storage_error_answer(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StorageError)
     return JSONResponse({"detail": exc.detail}, exc.status_code)
 
 
-async def generation_error(request: Request, exc: Exception) -> JSONResponse:
+async def generation_error_answer(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GenerationError)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
@@ -39,9 +39,9 @@ async def client_disconnected(request: Request, exc: Exception) -> None:
 
 
 EXCEPTION_HANDLERS = {
-    HTTPException: http_error,
-    StorageError: storage_error,
-    GenerationError: generation_error,
+    HTTPException: http_error_answer,
+    StorageError: storage_error_answer,
+    GenerationError: generation_error_answer,
     ClientDisconnect: client_disconnected,
 }
 

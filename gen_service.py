@@ -23,7 +23,6 @@ from uuid import uuid4
 import anyio
 import httpx
 import uvicorn
-from anyio import CapacityLimiter
 from environs import EnvError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -53,6 +52,7 @@ from providers import CogPredictions, OpenAIImages
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser
+from upload_stream import UploadSlots
 
 log = logging.getLogger("gen_service")
 T = TypeVar("T")
@@ -237,16 +237,19 @@ async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]
 
 class Readiness:
     """The storage and generator checks behind /ready, cached so that load balancer probes never hammer
-    S3 or the model."""
+    S3 or the model: one check at a time, and probes that arrive during it take its answer."""
 
     def __init__(self, storage: Storage, generator: Generator) -> None:
         self.storage = storage
         self.generator = generator
         self.checked_at = -math.inf
         self.problem: str | None = None
+        self.checking = anyio.Lock()
 
     async def current_problem(self) -> str | None:
-        if time.monotonic() - self.checked_at >= READY_CACHE_SECONDS:
+        async with self.checking:
+            if time.monotonic() - self.checked_at < READY_CACHE_SECONDS:
+                return self.problem
             try:
                 await run_in_threadpool(self.storage.check)
                 await self.generator.check()
@@ -254,7 +257,7 @@ class Readiness:
             except (StorageError, GenerationError) as error:
                 self.problem = error.detail
             self.checked_at = time.monotonic()
-        return self.problem
+            return self.problem
 
 
 # ---------------------------------------------------------------- handlers
@@ -370,8 +373,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     app.state.readiness = Readiness(storage, generator)
     # What bounds the memory of uploads (see upload_stream.py), and threads of their own, so that
     # uploads never take the threads that storing generated images and storage checks need.
-    app.state.upload_slots = CapacityLimiter(settings.max_concurrent_uploads)
-    app.state.upload_threads = CapacityLimiter(settings.max_concurrent_uploads)
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads, storage.part_bytes)
     log.info("storage: %s", storage.describe())
     log.info("image generator: %s", generator.describe())
     return app

@@ -102,7 +102,7 @@ class StoringMultiPartParser(MultiPartParser):
         upload = storage.begin(
             self.key, content_type=self.content_type, content_disposition=content_disposition(self.filename)
         )
-        self.storing = UploadStream(upload, storage.part_bytes, self.state.upload_slots, self.state.upload_threads)
+        self.storing = UploadStream(upload, self.state.upload_slots)
         # Starlette made a spool for the part; it is never written to, so it holds nothing.
         part.file = StreamedFile(
             self.storing, self.state.settings.max_upload_bytes, filename=part.file.filename, headers=part.file.headers

@@ -7,9 +7,10 @@ that sends slowly, or stops, holds no thread: only what it has sent of the part 
 
 Upload slots bound the memory that uploads hold: an upload takes one before it gathers more than
 FREE_BYTES, and gives it back at its end, or when its client has sent nothing for IDLE_SECONDS while
-nothing of it is being stored. An upload that waits for a slot reads nothing meanwhile, so its client
-is held back by TCP; a client that stalls keeps only the bytes it has sent, until the request's body
-timeout ends it.
+nothing of it is being stored, if what it has gathered fits the room the slots keep for quiet
+uploads (else it keeps its slot until its client sends again or the body timeout ends it). An upload
+that waits for a slot reads nothing meanwhile, so its client is held back by TCP. So uploads hold at
+most: two parts a slot, the room for quiet ones, and FREE_BYTES for every other connection.
 """
 
 from __future__ import annotations
@@ -29,26 +30,39 @@ IDLE_SECONDS = 1.0
 Result = TypeVar("Result")
 
 
+class UploadSlots:
+    """`count` slots, each the memory of an active upload and a storing thread; and room for what the
+    quiet uploads that gave theirs back have gathered: half a part a slot."""
+
+    def __init__(self, count: int, part_bytes: int) -> None:
+        self.limiter = CapacityLimiter(count)
+        self.threads = CapacityLimiter(count)
+        self.part_bytes = part_bytes
+        self.room_for_quiet = count * part_bytes // 2
+        self.held_by_quiet = 0
+
+
 class UploadStream:
     """The event loop's side of one upload: `add` each chunk as it arrives, then `commit` or `abort`."""
 
-    def __init__(self, upload: Upload, part_bytes: int, slots: CapacityLimiter, threads: CapacityLimiter) -> None:
+    def __init__(self, upload: Upload, slots: UploadSlots) -> None:
         self.upload = upload
-        self.part_bytes = part_bytes
         self.slots = slots
-        self.threads = threads
+        self.part_bytes = slots.part_bytes
         self.chunks: list[bytes] = []
         self.gathered = 0
         self.step: asyncio.Task[None] | None = None
         self.started = False  # a step has run: the store may hold something to abort
         self.holds_slot = False
-        self.adding = False  # in `add`: waiting, if at all, on the store or a slot, not on the client
+        self.quiet_bytes = 0  # gathered while quiet without a slot, counted in the slots' room for them
+        self.busy = False  # in `add` or `commit`: waiting, if at all, on the store or a slot, not on the client
         self.loop = asyncio.get_running_loop()
         self.last_chunk_at = self.loop.time()
         self.idle_check: asyncio.TimerHandle | None = None
+        self.aborting: asyncio.Task[None] | None = None
 
     async def add(self, data: bytes) -> None:
-        self.adding = True
+        self.busy = True
         try:
             if self.step is not None and self.step.done():
                 await self.end_step()  # a store that has failed stops the upload now, not a part later
@@ -61,19 +75,26 @@ class UploadStream:
                 part, self.chunks, self.gathered = self.chunks, [], 0
                 self.step = self.loop.create_task(self.in_thread(self.upload.write, part))
         finally:
-            self.adding = False
+            self.busy = False
             self.last_chunk_at = self.loop.time()
 
     async def commit(self) -> Stored:
         """Stores what is left and ends the file. On failure, the caller aborts."""
+        self.busy = True
         await self.end_step()
         stored = await self.in_thread(self.upload.commit, self.chunks)
         self.give_slot_back()
+        self.forget_quiet_bytes()
         return stored
 
     async def abort(self) -> None:
         """Leaves nothing in the store. Waits for a step in flight rather than cancel it: its thread
-        would go on unwatched, and could still commit the file."""
+        would go on unwatched, and could still commit the file. Shielded: a request cancelled while it
+        aborts (a server shutting down) would otherwise leave parts or a partial file behind."""
+        self.aborting = self.loop.create_task(self.abort_now())  # kept: the loop holds tasks only weakly
+        await asyncio.shield(self.aborting)
+
+    async def abort_now(self) -> None:
         try:
             if self.step is not None:
                 await asyncio.wait([self.step])
@@ -84,6 +105,7 @@ class UploadStream:
         finally:
             self.chunks.clear()
             self.give_slot_back()
+            self.forget_quiet_bytes()
 
     async def end_step(self) -> None:
         """Waits for the step in flight, raising its failure."""
@@ -95,17 +117,18 @@ class UploadStream:
 
     async def in_thread(self, store: Callable[[list[bytes]], Result], chunks: list[bytes]) -> Result:
         self.started = True
-        return await to_thread.run_sync(store, chunks, limiter=self.threads)
+        return await to_thread.run_sync(store, chunks, limiter=self.slots.threads)
 
     async def take_slot(self) -> None:
-        await self.slots.acquire_on_behalf_of(self)
+        await self.slots.limiter.acquire_on_behalf_of(self)
         self.holds_slot = True
+        self.forget_quiet_bytes()
         self.idle_check = self.loop.call_later(IDLE_SECONDS, self.check_idle)
 
     def give_slot_back(self) -> None:
         if self.holds_slot:
             self.holds_slot = False
-            self.slots.release_on_behalf_of(self)
+            self.slots.limiter.release_on_behalf_of(self)
         if self.idle_check is not None:
             self.idle_check.cancel()
             self.idle_check = None
@@ -114,9 +137,19 @@ class UploadStream:
         """Runs while a slot is held, about once a second: one timer per upload, not one per chunk."""
         quiet_long_enough_at = self.last_chunk_at + IDLE_SECONDS
         storing = self.step is not None and not self.step.done()
-        if self.adding or storing or quiet_long_enough_at > self.loop.time():
+        if self.busy or storing or quiet_long_enough_at > self.loop.time() or not self.room_for_what_it_holds():
             next_check = max(quiet_long_enough_at, self.loop.time() + IDLE_SECONDS / 4)
             self.idle_check = self.loop.call_at(next_check, self.check_idle)
         else:
             self.idle_check = None
+            if self.gathered > FREE_BYTES:
+                self.quiet_bytes = self.gathered
+                self.slots.held_by_quiet += self.quiet_bytes
             self.give_slot_back()
+
+    def room_for_what_it_holds(self) -> bool:
+        return self.gathered <= FREE_BYTES or self.slots.held_by_quiet + self.gathered <= self.slots.room_for_quiet
+
+    def forget_quiet_bytes(self) -> None:
+        self.slots.held_by_quiet -= self.quiet_bytes
+        self.quiet_bytes = 0

@@ -250,7 +250,7 @@ async def test_s3_failing_mid_upload_stops_reading_the_body(
     response = await client.post("/upload", files={"file": ("big.bin", body, "application/octet-stream")})
 
     assert response.status_code == 504
-    # Read: the first part, the next one, the pipe and the client's buffers; not the rest of the body.
+    # Read: the part being sent, the next one gathered, and the buffers on the way; not the rest of the body.
     assert body.read_bytes < 16 * MiB
     assert multipart_uploads(s3, bucket) == []
 

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -77,6 +78,19 @@ def counted_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_ready_caches_the_storage_check(client: httpx.AsyncClient, counted_checks: list[str]) -> None:
     for _ in range(5):
         assert (await client.get("/ready")).status_code == 200
+    assert counted_checks == ["check"]
+
+
+async def test_probes_during_a_slow_check_wait_for_it_rather_than_start_their_own(
+    client: httpx.AsyncClient, counted_checks: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for store in (storage.LocalStorage, storage.S3Storage):
+        check = store.check
+        monkeypatch.setattr(store, "check", lambda self, check=check: time.sleep(0.5) or check(self))
+
+    answers = await asyncio.gather(*(client.get("/ready") for _ in range(10)))
+
+    assert [answer.status_code for answer in answers] == [200] * 10
     assert counted_checks == ["check"]
 
 

@@ -218,7 +218,7 @@ class TestAllSlotsTaken:
         """The default limit of 32 uploads."""
         return {"CLIENT_BODY_TIMEOUT_SECONDS": "300"}
 
-    def test_a_request_that_failed_answers_without_waiting_for_a_slot(
+    def test_a_request_failing_before_it_needs_a_slot_answers_while_every_slot_is_taken(
         self, server: Server, s3: Any, bucket: str, data_dir: Path
     ) -> None:
         # Its file part starts, then a second file part breaks the form (it may hold one file).

@@ -451,7 +451,7 @@ SIZES = pytest.mark.parametrize("size", [0, 1000, THRESHOLD - 1, THRESHOLD, 3 * 
 
 
 class Unseekable:
-    """A body that can only be read forward, as an upload arriving through a Pipe."""
+    """A body that can only be read forward, as a file arriving from a client."""
 
     def __init__(self, data: bytes) -> None:
         self.data = io.BytesIO(data)
