@@ -103,7 +103,7 @@ class CogPredictions:
     """A Cog model's predictions API. `cog`: a container of our own, `POST {COG_URL}/predictions`, answered
     when the prediction ends (and cancelled by the container when the connection drops). `replicate`:
     the same models hosted, `POST {base}/models/{owner}/{name}/predictions` with `Prefer: wait`, then
-    `urls.get` polled while it runs (and `urls.cancel` called if the caller leaves or time runs out)."""
+    `urls.get` polled until it has output (and `urls.cancel` called if the caller leaves or time runs out)."""
 
     def __init__(
         self,
@@ -179,8 +179,8 @@ class CogPredictions:
         if not isinstance(prediction, dict):
             raise unusable("prediction")
         generation.provider_id = prediction.get("id") or generation.provider_id
-        prediction = await self.until_finished(prediction)
-        if prediction.get("status") != "succeeded":
+        prediction = await self.until_output(prediction)
+        if prediction.get("status") in ("failed", "canceled"):
             raise failed(prediction)
         output = prediction.get("output")
         first = output[0] if isinstance(output, list) and output else output
@@ -188,8 +188,10 @@ class CogPredictions:
             raise unusable("image output")
         return await self.images.from_url(first, self.output_headers(first))
 
-    async def until_finished(self, prediction: dict[str, Any]) -> dict[str, Any]:
-        """The prediction once it has ended, polling `urls.get` while it runs (Replicate only)."""
+    async def until_output(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """The prediction once it has output or has ended, polling `urls.get` meanwhile (Replicate only). Output
+        may come while it is still `processing`: Replicate answers a `Prefer: wait` with a model's output
+        files as soon as they are all there, and they are what is wanted."""
         urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
         try:
             while prediction.get("status") in ("starting", "processing") and not prediction.get("output"):

@@ -6,7 +6,9 @@
 - A Cog container: `POST /predictions` answering `{"id", "status", "output", "error", "metrics"}` (200 even
   when the model failed), 409 when busy; `GET /health-check` always 200 with `{"status": ...}`.
 - Replicate: `POST /v1/models/{owner}/{name}/predictions` (201, a prediction with `urls.get` and
-  `urls.cancel`), `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; errors are problem+json.
+  `urls.cancel`; with `Prefer: wait`, `processing` with its output files, as Replicate answers once a
+  model's files are all there), `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; errors
+  are problem+json.
 
 Each test scripts what the next generation requests get (`plan`); without a plan, each route answers
 its documented success with `image`. Every request is recorded, and so is every caller that left.
@@ -238,8 +240,13 @@ class FakeProviders:
         if not self.authorized(request):
             detail = f"Invalid token {request.headers.get('authorization', '')}"
             return await self.answer(request, "unauthorized", Answer(401, problem(401, "Unauthenticated", detail)))
-        output = [self.file_url(self.image)]
-        return await self.answer(request, "generate", Answer(201, self.prediction("succeeded", output)))
+        # As Replicate answers for a model whose outputs are files: with `Prefer: wait`, as soon as they are all
+        # there, the prediction possibly still `processing`; without it, at once, the prediction `starting`.
+        if request.headers.get("prefer", "").startswith("wait"):
+            created = self.prediction("processing", [self.file_url(self.image)])
+        else:
+            created = self.prediction("starting")
+        return await self.answer(request, "generate", Answer(201, created))
 
     async def replicate_get(self, request: Request) -> Response:
         output = [self.file_url(self.image)]

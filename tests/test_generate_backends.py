@@ -127,6 +127,20 @@ async def test_replicate_gets_the_model_path_token_and_wait(remote: MakeSettings
     assert_describes(answer, PNG, "image/png")
 
 
+async def test_replicate_output_is_taken_while_the_prediction_is_still_processing(
+    remote: MakeSettings, fake: FakeProviders
+) -> None:
+    """Replicate documents that with `Prefer: wait` a model's output files come as soon as they are all there,
+    the prediction possibly still `processing`: they are the image, and the prediction is left to end."""
+    fake.plan("generate", Answer(201, fake.prediction("processing", [fake.file_url(JPEG, "early.jpg")])))
+
+    answer, stored = await generated(remote("replicate"))
+
+    assert stored == JPEG
+    assert_describes(answer, JPEG, "image/jpeg")
+    assert fake.requests("/v1/predictions/") == []  # neither polled nor cancelled
+
+
 async def test_replicate_is_polled_until_the_prediction_ends(remote: MakeSettings, fake: FakeProviders) -> None:
     fake.plan("generate", Answer(201, fake.prediction("starting")))
     fake.plan("poll", Answer(json=fake.prediction("processing")), Answer(json=fake.prediction("processing")))
