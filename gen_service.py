@@ -48,7 +48,7 @@ from generators import (
 )
 from logs import RequestContext, logging_config
 from provider_http import make_http_client
-from providers import CogPredictions, OpenAIImages
+from providers import CogPredictions, OpenAIImages, ReplicateModel
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser
@@ -106,15 +106,16 @@ def make_generator(settings: Settings, client: httpx.AsyncClient | None) -> Gene
         )
     if settings.image_backend == "cog":
         assert settings.cog_url is not None
-        return CogPredictions.cog(client, settings.cog_url, settings.cog_input, settings.max_image_bytes)
+        return CogPredictions(
+            client, base_url=settings.cog_url, inputs=settings.cog_input, max_image_bytes=settings.max_image_bytes
+        )
     assert settings.replicate_api_token is not None and settings.replicate_model is not None
-    return CogPredictions.replicate(
+    return CogPredictions(
         client,
-        settings.replicate_base_url,
-        settings.replicate_api_token,
-        settings.replicate_model,
-        settings.cog_input,
-        settings.max_image_bytes,
+        base_url=settings.replicate_base_url,
+        inputs=settings.cog_input,
+        max_image_bytes=settings.max_image_bytes,
+        replicate=ReplicateModel(settings.replicate_model, settings.replicate_api_token),
     )
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 REPLICATE_WAIT_SECONDS = 60  # the longest `Prefer: wait` Replicate honours
 POLL_SECONDS = 1.0
 HEALTH_CHECK_SECONDS = 2.0
+CANCEL_SECONDS = 2.0
 # OpenAI's refusal codes, and Azure's.
 OPENAI_REFUSALS = frozenset({"moderation_blocked", "content_policy_violation", "contentFilter", "content_filter"})
 # How a model's own failure says that it refused the prompt (SDXL: "NSFW content detected...").
@@ -99,109 +101,90 @@ def openai_problem(reply: Reply) -> Problem:
 # ---------------------------------------------------------------- Cog models: a container, or Replicate
 
 
+@dataclass(frozen=True)
+class ReplicateModel:
+    """What Replicate's hosted API adds to a Cog model's predictions: which model, and the token to ask with."""
+
+    name: str  # owner/name
+    token: str = field(repr=False)
+
+
 class CogPredictions:
-    """A Cog model's predictions API. `cog`: a container of our own, `POST {COG_URL}/predictions`, answered
-    when the prediction ends (and cancelled by the container when the connection drops). `replicate`:
-    the same models hosted, `POST {base}/models/{owner}/{name}/predictions` with `Prefer: wait`, then
-    `urls.get` polled until it has output (and `urls.cancel` called if the caller leaves or time runs out)."""
+    """A Cog model's predictions API. In a container of our own (`replicate` None): `POST {COG_URL}/predictions`,
+    answered when the prediction ends (and cancelled by the container when the connection drops). Hosted on
+    Replicate: `POST {base_url}/models/{owner}/{name}/predictions` with `Prefer: wait`, then `urls.get`
+    polled until it has output (and `urls.cancel` called if the caller leaves or time runs out)."""
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
-        backend: str,
-        predictions_url: str,
+        base_url: str,
         inputs: Mapping[str, Any],
         max_image_bytes: int,
-        model: str | None = None,
-        token: str | None = None,
-        health_url: str | None = None,
+        replicate: ReplicateModel | None = None,
     ) -> None:
         self.client = client
-        self.backend = backend
-        self.predictions_url = predictions_url
+        self.base_url = base_url.rstrip("/")
         self.inputs = dict(inputs)
-        self.model = model
-        self.token = token
-        self.health_url = health_url
+        self.replicate = replicate
         self.images = ImageReader(client, max_image_bytes)
+        if replicate is None:
+            self.backend, self.model = "cog", None
+            self.predictions_url = f"{self.base_url}/predictions"
+        else:
+            self.backend, self.model = "replicate", replicate.name
+            self.predictions_url = f"{self.base_url}/models/{replicate.name}/predictions"
+        # Taken out of any provider's message that is logged.
+        self.secret = None if replicate is None else replicate.token
 
-    @classmethod
-    def cog(
-        cls, client: httpx.AsyncClient, url: str, inputs: Mapping[str, Any], max_image_bytes: int
-    ) -> CogPredictions:
-        base = url.rstrip("/")
-        return cls(
-            client,
-            backend="cog",
-            predictions_url=f"{base}/predictions",
-            health_url=f"{base}/health-check",
-            inputs=inputs,
-            max_image_bytes=max_image_bytes,
-        )
-
-    @classmethod
-    def replicate(
-        cls,
-        client: httpx.AsyncClient,
-        base_url: str,
-        token: str,
-        model: str,
-        inputs: Mapping[str, Any],
-        max_image_bytes: int,
-    ) -> CogPredictions:
-        return cls(
-            client,
-            backend="replicate",
-            predictions_url=f"{base_url.rstrip('/')}/models/{model}/predictions",
-            model=model,
-            token=token,
-            inputs=inputs,
-            max_image_bytes=max_image_bytes,
-        )
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    def authorization(self, url: str) -> dict[str, str]:
+        """The headers that authorize a request to `url`: Replicate's token, over HTTPS or to its own API's
+        host; for a container, none."""
+        if self.replicate is None or not (url.startswith("https://") or origin(url) == origin(self.base_url)):
+            return {}
+        return {"Authorization": f"Bearer {self.replicate.token}"}
 
     async def generate(self, prompt: str, size: Size | None, generation: Generation) -> GeneratedImage:
         dimensions = {"width": size.width, "height": size.height} if size else {}
         body = {"input": {**self.inputs, **dimensions, "prompt": prompt}}
-        headers = self.headers()
-        if self.token:  # Replicate: hold the request until the prediction ends, if it ends soon enough
+        headers = self.authorization(self.predictions_url)
+        if self.replicate is not None:  # hold the request until the prediction ends, if it ends soon enough
             remaining = anyio.current_effective_deadline() - anyio.current_time()
             headers["Prefer"] = f"wait={max(1, min(REPLICATE_WAIT_SECONDS, int(remaining)))}"
         request = self.client.build_request("POST", self.predictions_url, json=body, headers=headers)
         reply = await exchange(self.client, request, self.images.json_limit, generation)
         generation.provider_id = reply.headers.get("x-request-id")  # until there is a prediction id
         if not reply.ok:
-            raise error_for(reply, cog_problem(reply), secret=self.token)
+            raise error_for(reply, cog_problem(reply), secret=self.secret)
         prediction = await self.images.parsed(reply)
         if not isinstance(prediction, dict):
             raise unusable("prediction")
         generation.provider_id = prediction.get("id") or generation.provider_id
-        prediction = await self.until_output(prediction)
+        if self.replicate is not None:
+            prediction = await self.until_output(prediction)
         if prediction.get("status") in ("failed", "canceled"):
             raise failed(prediction)
         output = prediction.get("output")
         first = output[0] if isinstance(output, list) and output else output
         if not isinstance(first, str):
             raise unusable("image output")
-        return await self.images.from_url(first, self.output_headers(first))
+        return await self.images.from_url(first, self.authorization(first))
 
     async def until_output(self, prediction: dict[str, Any]) -> dict[str, Any]:
-        """The prediction once it has output or has ended, polling `urls.get` meanwhile (Replicate only). Output
-        may come while it is still `processing`: Replicate answers a `Prefer: wait` with a model's output
-        files as soon as they are all there, and they are what is wanted."""
+        """The prediction once it has output or has ended, polling `urls.get` meanwhile. Output may come while
+        it is still `processing`: Replicate answers a `Prefer: wait` with a model's output files as soon as
+        they are all there, and they are what is wanted."""
         urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
         try:
             while prediction.get("status") in ("starting", "processing") and not prediction.get("output"):
                 if not isinstance(urls.get("get"), str):
                     raise unusable("prediction URL")
                 await anyio.sleep(POLL_SECONDS)
-                poll = self.client.build_request("GET", urls["get"], headers=self.headers())
+                poll = self.client.build_request("GET", urls["get"], headers=self.authorization(self.base_url))
                 reply = await exchange(self.client, poll, self.images.json_limit, None)
                 if not reply.ok:
-                    raise error_for(reply, cog_problem(reply), secret=self.token)
+                    raise error_for(reply, cog_problem(reply), secret=self.secret)
                 prediction = await self.images.parsed(reply)
                 if not isinstance(prediction, dict):
                     raise unusable("prediction")
@@ -213,26 +196,21 @@ class CogPredictions:
 
     async def cancel(self, url: str) -> None:
         """Best effort, shielded from the cancellation that brought us here: a prediction left running costs."""
-        with anyio.move_on_after(HEALTH_CHECK_SECONDS, shield=True):
+        with anyio.move_on_after(CANCEL_SECONDS, shield=True):
             try:
-                await self.client.post(url, headers=self.headers())
+                await self.client.post(url, headers=self.authorization(self.base_url))
             except httpx.HTTPError as error:
                 log.warning("could not cancel the prediction: %s", type(error).__name__)
 
-    def output_headers(self, url: str) -> dict[str, str]:
-        """Replicate's files may need the token; it goes to its own API's host, or over HTTPS only."""
-        if self.token and (url.startswith("https://") or origin(url) == origin(self.predictions_url)):
-            return self.headers()
-        return {}
-
     async def check(self) -> None:
         """A container's `GET /health-check`: HTTP 200 (or 503 in newer Cog versions) whatever its state,
-        which `status` says. Replicate: configured is ready."""
-        if self.health_url is None:
+        which `status` says. Replicate: configured is ready (the only check that proves the token would be
+        a paid call)."""
+        if self.replicate is not None:
             return
         try:
             with anyio.fail_after(HEALTH_CHECK_SECONDS):
-                response = await self.client.get(self.health_url)
+                response = await self.client.get(f"{self.base_url}/health-check")
         except (httpx.HTTPError, TimeoutError):
             raise GenerationError(503, "image generator is unreachable", "unavailable") from None
         try:
@@ -245,9 +223,9 @@ class CogPredictions:
             )
 
     def describe(self) -> str:
-        if self.backend == "replicate":
-            return f"Replicate at {origin(self.predictions_url)}, model {self.model}"
-        return f"Cog container at {origin(self.predictions_url)}"
+        if self.replicate is None:
+            return f"Cog container at {origin(self.base_url)}"
+        return f"Replicate at {origin(self.base_url)}, model {self.model}"
 
 
 def cog_problem(reply: Reply) -> Problem:
