@@ -190,6 +190,15 @@ def origin(url: httpx.URL | str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
+def same_origin(url: str, other: str) -> bool:
+    """Whether two URLs have one scheme, host and port (a scheme's default port written or not)."""
+    try:
+        first, second = httpx.URL(url), httpx.URL(other)
+    except httpx.InvalidURL:
+        return False
+    return (first.scheme, first.host, first.port) == (second.scheme, second.host, second.port)
+
+
 class ImageReader:
     """Reads the image out of a provider's answer (base64, a `data:` URL or a link to fetch), bounded and
     checked; blocking work in worker threads."""

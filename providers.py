@@ -16,7 +16,17 @@ import anyio
 import httpx
 
 from generators import GeneratedImage, Generation, GenerationError, Size
-from provider_http import ImageReader, Problem, Reply, error_for, exchange, origin, refused, unusable
+from provider_http import (
+    ImageReader,
+    Problem,
+    Reply,
+    error_for,
+    exchange,
+    origin,
+    refused,
+    same_origin,
+    unusable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +149,10 @@ class CogPredictions:
         self.secret = None if replicate is None else replicate.token
 
     def authorization(self, url: str) -> dict[str, str]:
-        """The headers that authorize a request to `url`: Replicate's token, over HTTPS or to its own API's
-        host; for a container, none."""
-        if self.replicate is None or not (url.startswith("https://") or origin(url) == origin(self.base_url)):
+        """Replicate's token, for a URL of its API's own origin (scheme, host and port of REPLICATE_BASE_URL,
+        where its files under /v1/files need it too), and for nothing else: a model's output may link to any
+        host its author likes. A container gets no token."""
+        if self.replicate is None or not same_origin(url, self.base_url):
             return {}
         return {"Authorization": f"Bearer {self.replicate.token}"}
 
@@ -181,7 +192,7 @@ class CogPredictions:
                 if not isinstance(urls.get("get"), str):
                     raise unusable("prediction URL")
                 await anyio.sleep(POLL_SECONDS)
-                poll = self.client.build_request("GET", urls["get"], headers=self.authorization(self.base_url))
+                poll = self.client.build_request("GET", urls["get"], headers=self.authorization(urls["get"]))
                 reply = await exchange(self.client, poll, self.images.json_limit, None)
                 if not reply.ok:
                     raise error_for(reply, cog_problem(reply), secret=self.secret)
@@ -198,7 +209,7 @@ class CogPredictions:
         """Best effort, shielded from the cancellation that brought us here: a prediction left running costs."""
         with anyio.move_on_after(CANCEL_SECONDS, shield=True):
             try:
-                await self.client.post(url, headers=self.authorization(self.base_url))
+                await self.client.post(url, headers=self.authorization(url))
             except httpx.HTTPError as error:
                 log.warning("could not cancel the prediction: %s", type(error).__name__)
 

@@ -464,12 +464,12 @@ def stored_before_types_were_checked(store: LocalStorage) -> str:
 
 @pytest.fixture(scope="session")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
-    """A TLS certificate for 127.0.0.1, and the CA that signed it (to trust with SSL_CERT_FILE)."""
+    """A TLS certificate for 127.0.0.1 and localhost, and the CA that signed it (to trust with SSL_CERT_FILE)."""
     authority = trustme.CA()
     directory = tmp_path_factory.mktemp("tls")
     certificate = Certificate(directory / "server.pem", directory / "ca.pem")
     authority.cert_pem.write_to_path(str(certificate.authority))
-    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(certificate.server))
+    authority.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(certificate.server))
     return certificate
 
 

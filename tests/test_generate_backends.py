@@ -154,20 +154,27 @@ async def test_replicate_is_polled_until_the_prediction_ends(remote: MakeSetting
 
 
 @pytest.mark.parametrize(
-    ("where", "sent"),
-    [("same-host", True), ("other-host-https", True), ("other-host-http", False)],
+    ("api", "files", "sent"),
+    [
+        ("http", "the-api", True),
+        ("https", "the-api", True),  # as api.replicate.com, whose /v1/files need the token
+        ("http", "https-elsewhere", False),
+        ("https", "https-elsewhere", False),  # a model's output may link to its author's own HTTPS host
+        ("http", "http-elsewhere", False),
+    ],
 )
-async def test_replicate_output_gets_the_token_only_over_https_or_from_its_own_host(
-    remote: MakeSettings, fake: FakeProviders, where: str, sent: bool
+async def test_replicate_output_gets_the_token_only_from_the_apis_own_origin(
+    remote: MakeSettings, fake: FakeProviders, api: str, files: str, sent: bool
 ) -> None:
-    base = {
-        "same-host": fake.base_url,
-        "other-host-https": fake.https_url,
-        "other-host-http": fake.base_url.replace("127.0.0.1", "localhost"),
-    }[where]
-    fake.plan("generate", Answer(201, fake.prediction("succeeded", fake.file_url(PNG, "o.png", base))))
+    api_url = fake.https_url if api == "https" else fake.base_url
+    files_url = {
+        "the-api": api_url,
+        "https-elsewhere": fake.https_url.replace("127.0.0.1", "localhost") if api == "https" else fake.https_url,
+        "http-elsewhere": fake.base_url.replace("127.0.0.1", "localhost"),
+    }[files]
+    fake.plan("generate", Answer(201, fake.prediction("succeeded", fake.file_url(PNG, "o.png", files_url))))
 
-    _, stored = await generated(remote("replicate"))
+    _, stored = await generated(remote("replicate", replicate_base_url=f"{api_url}/v1"))
 
     [fetch] = fake.requests("/files/o.png")
     assert stored == PNG
