@@ -16,7 +16,6 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -85,6 +84,8 @@ async def exchange(
             reply: Reply | None = await send(client, request, limit)
         except httpx.TransportError as error:
             reply, failure = None, error
+        except httpx.RequestError as error:  # the answer itself is bad: asking again would get the same
+            raise unreadable(request, error) from None
         if reply is not None and reply.status not in RETRYABLE_STATUSES:
             return reply
         delay = retry_delay(reply, retries)
@@ -179,15 +180,33 @@ def rejected(error: ImageRejected) -> GenerationError:
     return GenerationError(502, f"image generator sent {error}", "bad_image")
 
 
+def unreadable(request: httpx.Request, error: httpx.RequestError) -> GenerationError:
+    """An answer httpx could not read (a body its Content-Encoding does not decode), or redirects without end."""
+    what = "too many redirects" if isinstance(error, httpx.TooManyRedirects) else "an answer that could not be read"
+    log.warning("image generator %s sent %s: %s", origin(request.url), what, type(error).__name__)
+    return GenerationError(502, f"image generator sent {what}", "bad_image")
+
+
 def unusable(what: str) -> GenerationError:
     log.warning("image generator sent an answer without %s", what)
     return GenerationError(502, f"image generator sent no {what}", "bad_image")
 
 
 def origin(url: httpx.URL | str) -> str:
-    """scheme://host[:port] of a URL: what may be logged of it (no credentials, path or query)."""
-    parts = urlsplit(str(url))
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    """scheme://host[:port] of a valid URL: what may be logged of it (no credentials, path or query)."""
+    url = httpx.URL(url)
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
+
+
+def http_url(url: object, what: str) -> httpx.URL:
+    """`url` if it is an http(s) URL with a host, else 502: the provider sent no usable `what`."""
+    try:
+        parsed = httpx.URL(url) if isinstance(url, str) else None
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise unusable(what)
+    return parsed
 
 
 def same_origin(url: str, other: str) -> bool:
@@ -238,11 +257,8 @@ class ImageReader:
             if not header.endswith(";base64"):
                 raise unusable("base64 data URL")
             return await self.from_base64(payload)
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise unusable("image URL")
-        reply = await exchange(
-            self.client, self.client.build_request("GET", url, headers=headers), self.max_bytes, None
-        )
+        request = self.client.build_request("GET", http_url(url, "image URL"), headers=headers)
+        reply = await exchange(self.client, request, self.max_bytes, None)
         if not reply.ok:
             log.warning("image generator's image at %s answered HTTP %s", origin(url), reply.status)
             raise GenerationError(502, f"image generator's image URL answered HTTP {reply.status}", "bad_image")

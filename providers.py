@@ -22,6 +22,7 @@ from provider_http import (
     Reply,
     error_for,
     exchange,
+    http_url,
     origin,
     refused,
     same_origin,
@@ -100,11 +101,15 @@ def openai_problem(reply: Reply) -> Problem:
     inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}
     if code not in OPENAI_REFUSALS and inner.get("code") != "ResponsibleAIPolicyViolation":
         return Problem(code, message)
-    categories = (error.get("moderation_details") or {}).get("categories") or []
+    details = error.get("moderation_details")
+    categories = details.get("categories") if isinstance(details, dict) else None
+    if not isinstance(categories, list):
+        categories = []
     if not categories and (listed := SAFETY_VIOLATIONS.search(message)):
         categories = listed[1].split(",")
-    filtered = inner.get("content_filter_results") or {}
-    categories = categories or [name for name, result in filtered.items() if (result or {}).get("filtered")]
+    filtered = inner.get("content_filter_results")
+    if not categories and isinstance(filtered, dict):
+        categories = [name for name, result in filtered.items() if isinstance(result, dict) and result.get("filtered")]
     return Problem(code, message, refusal=", ".join(str(category).strip() for category in categories))
 
 
@@ -189,10 +194,9 @@ class CogPredictions:
         urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
         try:
             while prediction.get("status") in ("starting", "processing") and not prediction.get("output"):
-                if not isinstance(urls.get("get"), str):
-                    raise unusable("prediction URL")
+                poll_url = http_url(urls.get("get"), "prediction URL")
                 await anyio.sleep(POLL_SECONDS)
-                poll = self.client.build_request("GET", urls["get"], headers=self.authorization(urls["get"]))
+                poll = self.client.build_request("GET", poll_url, headers=self.authorization(urls["get"]))
                 reply = await exchange(self.client, poll, self.images.json_limit, None)
                 if not reply.ok:
                     raise error_for(reply, cog_problem(reply), secret=self.secret)
@@ -210,7 +214,7 @@ class CogPredictions:
         with anyio.move_on_after(CANCEL_SECONDS, shield=True):
             try:
                 await self.client.post(url, headers=self.authorization(url))
-            except httpx.HTTPError as error:
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
                 log.warning("could not cancel the prediction: %s", type(error).__name__)
 
     async def check(self) -> None:

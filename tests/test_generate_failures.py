@@ -59,6 +59,12 @@ def replicate(status: int, title: str, **headers: str) -> Answer:
     return Answer(status, problem(status, title, f"{title}: details"), headers=headers)
 
 
+def azure_filtered(results: object) -> Answer:
+    """Azure's refusal, with its content filter's results per category."""
+    inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_results": results}
+    return openai(400, "content_policy_violation", innererror=inner)
+
+
 def misconfigured(backend: str, answer: Answer, code: str, attempts: int = 1) -> Failure:
     """An answer only the operator can fix, `attempts` times: 502 naming the provider's code or title."""
     return Failure(backend, [answer] * attempts, 502, f"image generator refused the request ({code})", attempts)
@@ -86,21 +92,22 @@ FAILURES = {
     "azure-filter-results": Failure(
         "openai",
         [
-            openai(
-                400,
-                "content_policy_violation",
-                innererror={
-                    "code": "ResponsibleAIPolicyViolation",
-                    "content_filter_results": {
-                        "sexual": {"filtered": False, "severity": "safe"},
-                        "violence": {"filtered": True, "severity": "high"},
-                    },
-                },
+            azure_filtered(
+                {"sexual": {"filtered": False, "severity": "safe"}, "violence": {"filtered": True, "severity": "high"}}
             )
         ],
         422,
         f"{REFUSED}: violence",
     ),
+    # Refusals whose details are not of the documented shape: refusals still, without the categories.
+    "openai-moderation-details-not-an-object": Failure(
+        "openai", [openai(400, "moderation_blocked", moderation_details="violence")], 422, REFUSED
+    ),
+    "openai-moderation-categories-not-a-list": Failure(
+        "openai", [openai(400, "moderation_blocked", moderation_details={"categories": "violence"})], 422, REFUSED
+    ),
+    "azure-filter-results-not-an-object": Failure("openai", [azure_filtered(["violence"])], 422, REFUSED),
+    "azure-filter-result-not-an-object": Failure("openai", [azure_filtered({"violence": True})], 422, REFUSED),
     "cog-nsfw": Failure(
         "cog",
         [prediction_failed("NSFW content detected. Try a different prompt.")],
@@ -350,6 +357,10 @@ BAD_IMAGES = {
     ),
     "no-image": (Answer(json={"created": 1, "data": []}), "image generator sent no image"),
     "not-json": (Answer(body=b"<html>"), "image generator sent no JSON"),
+    "undecodable-content-encoding": (
+        Answer(body=b"not gzip at all", headers={"content-encoding": "gzip"}),
+        "image generator sent an answer that could not be read",
+    ),
 }
 
 
@@ -380,7 +391,9 @@ async def test_an_image_url_over_the_bound_is_not_read_past_it(remote: MakeSetti
     assert stored_images(settings) == []
 
 
-@pytest.mark.parametrize("output", ["ftp://example.com/a.png", "data:image/png,not-base64", 42])
+@pytest.mark.parametrize(
+    "output", ["ftp://example.com/a.png", "data:image/png,not-base64", 42, "http://[::1", "http:///a"]
+)
 async def test_an_unusable_cog_output_is_502(remote: MakeSettings, fake: FakeProviders, output: object) -> None:
     fake.plan("generate", Answer(json={"id": "pred_1", "status": "succeeded", "output": output}))
     settings = remote("cog")
@@ -390,6 +403,38 @@ async def test_an_unusable_cog_output_is_502(remote: MakeSettings, fake: FakePro
 
     assert response.status_code == 502
     assert response.json()["detail"].startswith("image generator sent no ")
+    assert stored_images(settings) == []
+
+
+async def test_an_image_url_that_redirects_without_end_is_502(remote: MakeSettings, fake: FakeProviders) -> None:
+    looping = fake.file_url(PNG, "loop.png")
+    fake.plan("generate", Answer(json=openai_link(looping)))
+    fake.plan("file", *[Answer(302, {"detail": "moved"}, headers={"location": looping})] * 30)
+    settings = remote("openai")
+
+    async with answered(settings) as response:
+        pass
+
+    assert (response.status_code, response.json()) == (502, {"detail": "image generator sent too many redirects"})
+    assert len(fake.requests("/files/loop.png")) == 21  # the first, then the 20 redirects httpx follows
+    assert stored_images(settings) == []
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [{"get": "http://[::1", "cancel": "http://[::1"}, {"get": "ftp://x/p1"}, {"get": 42}, None],
+    ids=["invalid", "not-http", "not-a-string", "none"],
+)
+async def test_a_replicate_prediction_without_a_usable_url_to_poll_is_502(
+    remote: MakeSettings, fake: FakeProviders, urls: object
+) -> None:
+    fake.plan("generate", Answer(201, {**fake.prediction("starting"), "urls": urls}))
+    settings = remote("replicate")
+
+    async with answered(settings) as response:
+        pass
+
+    assert (response.status_code, response.json()) == (502, {"detail": "image generator sent no prediction URL"})
     assert stored_images(settings) == []
 
 
