@@ -13,7 +13,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -72,11 +72,16 @@ class Reply(NamedTuple):
 
 
 async def exchange(
-    client: httpx.AsyncClient, request: httpx.Request, limit: int, generation: Generation | None
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    limit: int,
+    generation: Generation | None,
+    *,
+    problem_of: Callable[[Reply], Problem] | None = None,
 ) -> Reply:
-    """The answer to `request`, at most `limit` bytes of it. Connection failures and RETRYABLE_STATUSES are
+    """The answer to `request`, at most `limit` bytes of it. Connection failures and retryable answers are
     tried again, at most MAX_RETRIES times and only while the wait fits before the deadline; each try
-    counts in `generation.attempts`."""
+    counts in `generation.attempts`. `problem_of` reads the provider's error code out of an error answer."""
     for retries in range(MAX_RETRIES + 1):
         if generation is not None:
             generation.attempts += 1
@@ -86,7 +91,7 @@ async def exchange(
             reply, failure = None, error
         except httpx.RequestError as error:  # the answer itself is bad: asking again would get the same
             raise unreadable(request, error) from None
-        if reply is not None and reply.status not in RETRYABLE_STATUSES:
+        if reply is not None and not retryable(reply, problem_of):
             return reply
         delay = retry_delay(reply, retries)
         if retries == MAX_RETRIES or delay is None:
@@ -112,6 +117,13 @@ async def send(client: httpx.AsyncClient, request: httpx.Request, limit: int) ->
         return Reply(response.status_code, response.headers, bytes(body))
     finally:
         await response.aclose()
+
+
+def retryable(reply: Reply, problem_of: Callable[[Reply], Problem] | None) -> bool:
+    """RETRYABLE_STATUSES, except a 429 that says the money is spent: waiting will not bring it back."""
+    if reply.status not in RETRYABLE_STATUSES:
+        return False
+    return reply.status != 429 or problem_of is None or problem_of(reply).code not in QUOTA_CODES
 
 
 def retry_delay(reply: Reply | None, retries: int) -> float | None:

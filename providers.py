@@ -67,7 +67,7 @@ class OpenAIImages:
             body["size"] = str(size)
         headers = {"Authorization": f"Bearer {self.api_key}"}
         request = self.client.build_request("POST", self.url, json=body, headers=headers)
-        reply = await exchange(self.client, request, self.images.json_limit, generation)
+        reply = await exchange(self.client, request, self.images.json_limit, generation, problem_of=openai_problem)
         generation.provider_id = reply.headers.get("x-request-id")
         if not reply.ok:
             raise error_for(reply, openai_problem(reply), secret=self.api_key)

@@ -127,8 +127,12 @@ FAILURES = {
     ),
     "openai-unknown-model": misconfigured("openai", openai(404, "model_not_found"), "model_not_found"),
     "openai-billing": misconfigured("openai", openai(402, "billing_not_active"), "billing_not_active"),
+    # A 429 that says the money is spent: waiting will not help, so it is not retried.
     "openai-quota": misconfigured(
-        "openai", openai(429, "insufficient_quota", kind="insufficient_quota"), "insufficient_quota", attempts=3
+        "openai", openai(429, "insufficient_quota", kind="insufficient_quota"), "insufficient_quota"
+    ),
+    "openai-hard-limit": misconfigured(
+        "openai", openai(429, "billing_hard_limit_reached"), "billing_hard_limit_reached"
     ),
     "openai-bad-size": misconfigured("openai", openai(400, "invalid_value"), "invalid_value"),
     "openai-not-json": misconfigured("openai", Answer(400, body=b"<html>bad gateway</html>"), "HTTP 400"),
