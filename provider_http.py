@@ -78,13 +78,17 @@ async def exchange(
     generation: Generation | None,
     *,
     problem_of: Callable[[Reply], Problem] | None = None,
+    before_each_try: Callable[[httpx.Request], None] | None = None,
 ) -> Reply:
     """The answer to `request`, at most `limit` bytes of it. Connection failures and retryable answers are
     tried again, at most MAX_RETRIES times and only while the wait fits before the deadline; each try
-    counts in `generation.attempts`. `problem_of` reads the provider's error code out of an error answer."""
+    counts in `generation.attempts`. `problem_of` reads the provider's error code out of an error answer;
+    `before_each_try` may set headers that depend on the time left."""
     for retries in range(MAX_RETRIES + 1):
         if generation is not None:
             generation.attempts += 1
+        if before_each_try is not None:
+            before_each_try(request)
         try:
             reply: Reply | None = await send(client, request, limit)
         except httpx.TransportError as error:

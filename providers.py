@@ -32,6 +32,9 @@ from provider_http import (
 log = logging.getLogger(__name__)
 
 REPLICATE_WAIT_SECONDS = 60  # the longest `Prefer: wait` Replicate honours
+# Replicate answers a held request when its wait is over, with the prediction and its cancel link: that answer
+# must be here before the deadline, or a prediction still running then could not be cancelled.
+WAIT_MARGIN_SECONDS = 5
 POLL_SECONDS = 1.0
 HEALTH_CHECK_SECONDS = 2.0
 CANCEL_SECONDS = 2.0
@@ -165,11 +168,11 @@ class CogPredictions:
         dimensions = {"width": size.width, "height": size.height} if size else {}
         body = {"input": {**self.inputs, **dimensions, "prompt": prompt}}
         headers = self.authorization(self.predictions_url)
-        if self.replicate is not None:  # hold the request until the prediction ends, if it ends soon enough
-            remaining = anyio.current_effective_deadline() - anyio.current_time()
-            headers["Prefer"] = f"wait={max(1, min(REPLICATE_WAIT_SECONDS, int(remaining)))}"
         request = self.client.build_request("POST", self.predictions_url, json=body, headers=headers)
-        reply = await exchange(self.client, request, self.images.json_limit, generation)
+        before_each_try = ask_to_wait if self.replicate is not None else None
+        reply = await exchange(
+            self.client, request, self.images.json_limit, generation, before_each_try=before_each_try
+        )
         generation.provider_id = reply.headers.get("x-request-id")  # until there is a prediction id
         if not reply.ok:
             raise error_for(reply, cog_problem(reply), secret=self.secret)
@@ -241,6 +244,18 @@ class CogPredictions:
         if self.replicate is None:
             return f"Cog container at {origin(self.base_url)}"
         return f"Replicate at {origin(self.base_url)}, model {self.model}"
+
+
+def ask_to_wait(request: httpx.Request) -> None:
+    """Asks Replicate to hold `request` until the prediction ends, but at most until WAIT_MARGIN_SECONDS before
+    the deadline (it then answers with the prediction still running); with less time left than that, not at
+    all (it answers at once). Set before each try: retries use up the time."""
+    remaining = anyio.current_effective_deadline() - anyio.current_time()
+    wait = int(min(REPLICATE_WAIT_SECONDS, remaining - WAIT_MARGIN_SECONDS))
+    if wait >= 1:
+        request.headers["Prefer"] = f"wait={wait}"
+    else:
+        request.headers.pop("Prefer", None)
 
 
 def cog_problem(reply: Reply) -> Problem:

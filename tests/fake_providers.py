@@ -99,13 +99,15 @@ def problem(status: int, title: str, detail: str) -> dict[str, Any]:
 
 @dataclass
 class Answer:
-    """One scripted answer: `json` (or raw `body`), after holding the request open if `hold`."""
+    """One scripted answer: `json` (or raw `body`), after holding the request open if `hold` (until release()),
+    or if `wait` for as long as its `Prefer: wait=N` asks, as Replicate holds it for a model not done sooner."""
 
     status: int = 200
     json: Any = None
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     hold: bool = False
+    wait: bool = False
 
 
 class Seen(NamedTuple):
@@ -194,7 +196,8 @@ class FakeProviders:
         body = await request.body()
         self.seen.append(Seen(request.method, request.url.path, dict(request.headers), parsed(body), time.monotonic()))
         planned = self.plans[route].popleft() if self.plans[route] else default
-        if planned.hold and not await self.held(request):
+        seconds = HOLD_SECONDS if planned.hold else prefer_wait_seconds(request) if planned.wait else 0
+        if seconds and not await self.held(request, seconds):
             return Response(status_code=499)  # nobody reads it
         headers = {"x-request-id": f"req_{next(self.ids)}", **planned.headers}
         if planned.body is not None:
@@ -202,11 +205,12 @@ class FakeProviders:
         content = default.json if planned.json is None else planned.json
         return JSONResponse(content, planned.status, headers=headers)
 
-    async def held(self, request: Request) -> bool:
-        """Holds the request until release(): False if the caller left first (its connection closed)."""
+    async def held(self, request: Request, seconds: float) -> bool:
+        """Holds the request until release() or for `seconds`: False if the caller left first (its connection
+        closed)."""
         self.holding += 1
         try:
-            deadline = time.monotonic() + HOLD_SECONDS
+            deadline = time.monotonic() + seconds
             while not self.release_event.is_set() and time.monotonic() < deadline:
                 if await request.is_disconnected():
                     self.callers_left += 1
@@ -261,6 +265,14 @@ class FakeProviders:
         data = self.files.get(request.path_params["name"])
         found = Answer(body=data) if data is not None else Answer(404, {"detail": "not found"})
         return await self.answer(request, "file", found)
+
+
+def prefer_wait_seconds(request: Request) -> float:
+    """How long `Prefer: wait=N` asks a request to be held (`Prefer: wait` alone: Replicate's 60 s)."""
+    prefer = request.headers.get("prefer", "")
+    if prefer == "wait":
+        return 60
+    return float(prefer.removeprefix("wait=")) if prefer.startswith("wait=") else 0
 
 
 def parsed(body: bytes) -> Any:

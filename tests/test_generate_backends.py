@@ -115,16 +115,29 @@ async def test_cog_output_in_each_documented_form_is_stored(
 # ---------------------------------------------------------------- Replicate
 
 
-async def test_replicate_gets_the_model_path_token_and_wait(remote: MakeSettings, fake: FakeProviders) -> None:
-    answer, stored = await generated(remote("replicate", generate_timeout_seconds=30), {"prompt": "a fox"})
+async def test_replicate_gets_the_model_path_and_token(remote: MakeSettings, fake: FakeProviders) -> None:
+    answer, stored = await generated(remote("replicate"), {"prompt": "a fox"})
 
     [create] = fake.requests(f"/v1/models/{MODEL}/predictions")
     assert create.json == {"input": {"prompt": "a fox"}}
     assert create.headers["authorization"] == f"Bearer {API_KEY}"
-    # Never longer than Replicate's 60 s, nor than what is left of the deadline.
-    assert re.fullmatch(r"wait=(2\d|30)", create.headers["prefer"])
     assert stored == PNG
     assert_describes(answer, PNG, "image/png")
+
+
+@pytest.mark.parametrize(
+    ("timeout_seconds", "prefer"), [(120, "wait=60"), (30, r"wait=2[34]"), (10, r"wait=[45]"), (6, None)]
+)
+async def test_replicate_is_asked_to_wait_until_a_few_seconds_before_the_deadline(
+    remote: MakeSettings, fake: FakeProviders, timeout_seconds: float, prefer: str | None
+) -> None:
+    """Replicate holds the request for `Prefer: wait` (at most 60 s), then answers with the prediction and its
+    cancel link: that answer must come before the deadline. With little time left, it is asked not to wait."""
+    _, stored = await generated(remote("replicate", generate_timeout_seconds=timeout_seconds))
+
+    [create] = fake.requests(f"/v1/models/{MODEL}/predictions")
+    assert re.fullmatch(prefer, create.headers["prefer"]) if prefer else "prefer" not in create.headers
+    assert stored == PNG
 
 
 async def test_replicate_output_is_taken_while_the_prediction_is_still_processing(

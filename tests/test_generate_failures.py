@@ -282,6 +282,20 @@ async def test_retry_after_beyond_the_deadline_is_answered_at_once(remote: MakeS
     assert len(fake.requests("/v1/images/generations")) == 1
 
 
+async def test_a_retried_replicate_request_is_asked_to_wait_only_for_what_is_left(
+    remote: MakeSettings, fake: FakeProviders
+) -> None:
+    fake.plan("generate", replicate(429, "Request was throttled.", **{"retry-after": "2"}))
+
+    async with answered(remote("replicate", generate_timeout_seconds=10)) as response:
+        assert response.status_code == 200, response.text
+
+    first, second = (
+        int(seen.headers["prefer"].removeprefix("wait=")) for seen in fake.requests("/predictions", "POST")
+    )
+    assert second <= first - 2
+
+
 async def test_an_unreachable_provider_is_503_after_retries(
     remote: MakeSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -328,6 +342,27 @@ async def test_a_replicate_prediction_still_running_at_the_deadline_is_cancelled
     [cancel] = fake.requests("/cancel", "POST")
     assert cancel.path == f"/v1/predictions/{running['id']}/cancel"
     assert cancel.headers["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_a_replicate_prediction_held_past_its_wait_is_still_cancelled_at_the_deadline(
+    remote: MakeSettings, fake: FakeProviders, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicate holds the request that creates the prediction for as long as `Prefer: wait` asks: its answer,
+    the first to carry the cancel link, comes seconds before the deadline, and the prediction is cancelled."""
+    running = fake.prediction("processing")
+    fake.plan("generate", Answer(201, running, wait=True))
+    fake.plan("poll", *[Answer(json=running)] * 1000)
+    settings = remote("replicate", generate_timeout_seconds=7)
+
+    async with answered(settings) as response:
+        pass
+
+    assert_contract(response, 504, "image generator did not answer in time", settings, caplog.text)
+    [create] = fake.requests(GENERATION_PATHS["replicate"], "POST")
+    [polled, *_] = fake.requests("/v1/predictions/", "GET")
+    assert polled.at - create.at < 7 - 3  # the answer came at least 3 s before the deadline
+    [cancel] = fake.requests("/cancel", "POST")
+    assert cancel.path == f"/v1/predictions/{running['id']}/cancel"
 
 
 # ---------------------------------------------------------------- what comes back
