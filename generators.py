@@ -36,7 +36,7 @@ class Size(NamedTuple):
 
 
 class GeneratedImage(NamedTuple):
-    data: bytes
+    data: bytes | bytearray
     media_type: str
 
 

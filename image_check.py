@@ -17,7 +17,7 @@ class ImageRejected(Exception):
     """Bytes the service will not store; the message completes "image generator sent ..."."""
 
 
-def image_media_type(data: bytes, max_bytes: int) -> str:
+def image_media_type(data: bytes | bytearray, max_bytes: int) -> str:
     """The media type of `data`, or ImageRejected."""
     if len(data) > max_bytes:
         raise ImageRejected(f"an image over {max_bytes} bytes")

@@ -58,7 +58,7 @@ def make_http_client() -> httpx.AsyncClient:
 class Reply(NamedTuple):
     status: int
     headers: httpx.Headers
-    body: bytes
+    body: bytearray  # as read: a copy of up to MAX_IMAGE_BYTES would hold the event loop
 
     @property
     def ok(self) -> bool:
@@ -118,7 +118,7 @@ async def send(client: httpx.AsyncClient, request: httpx.Request, limit: int) ->
                 if response.is_success:
                     raise rejected(ImageRejected(f"an answer over {limit} bytes"))
                 break
-        return Reply(response.status_code, response.headers, bytes(body))
+        return Reply(response.status_code, response.headers, body)
     finally:
         await response.aclose()
 
@@ -252,7 +252,14 @@ class ImageReader:
         except ValueError:
             raise unusable("JSON") from None
 
-    async def checked(self, data: bytes) -> GeneratedImage:
+    async def decoded(self, decode: Callable[[str], bytes | None], encoded: str) -> bytes | None:
+        """`decode(encoded)` in a worker thread: the text may be ~67 MB, too much even to copy on the loop."""
+        try:
+            return await to_thread.run_sync(decode, encoded, limiter=self.decoding)
+        except (binascii.Error, ValueError):
+            raise rejected(ImageRejected("an image in invalid base64")) from None
+
+    async def checked(self, data: bytes | bytearray) -> GeneratedImage:
         try:
             media_type = await to_thread.run_sync(image_media_type, data, self.max_bytes, limiter=self.decoding)
         except ImageRejected as error:
@@ -260,22 +267,26 @@ class ImageReader:
         return GeneratedImage(data, media_type)
 
     async def from_base64(self, encoded: str) -> GeneratedImage:
-        try:
-            data = await to_thread.run_sync(base64.b64decode, encoded, limiter=self.decoding)
-        except (binascii.Error, ValueError):
-            raise rejected(ImageRejected("an image in invalid base64")) from None
+        data = await self.decoded(base64.b64decode, encoded)
+        assert data is not None
         return await self.checked(data)
 
     async def from_url(self, url: str, headers: Mapping[str, str] | None = None) -> GeneratedImage:
         """The image behind `url`: a `data:` URL, or an http(s) one fetched with the same byte bound."""
         if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
+            data = await self.decoded(data_url_bytes, url)
+            if data is None:
                 raise unusable("base64 data URL")
-            return await self.from_base64(payload)
+            return await self.checked(data)
         request = self.client.build_request("GET", http_url(url, "image URL"), headers=headers)
         reply = await exchange(self.client, request, self.max_bytes, None)
         if not reply.ok:
             log.warning("image generator's image at %s answered HTTP %s", origin(url), reply.status)
             raise GenerationError(502, f"image generator's image URL answered HTTP {reply.status}", "bad_image")
         return await self.checked(reply.body)
+
+
+def data_url_bytes(url: str) -> bytes | None:
+    """The bytes of a `data:<type>;base64,<data>` URL, or None if it is not base64. Blocking."""
+    header, _, payload = url.partition(",")
+    return base64.b64decode(payload) if header.endswith(";base64") else None
