@@ -8,10 +8,13 @@ import json
 import re
 import sys
 import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from hashlib import sha256
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 import httpx
 import pytest
 import schemathesis
@@ -145,6 +148,30 @@ def test_the_app_does_what_its_document_says(case: schemathesis.Case, app: Starl
         assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
         return
     case.call_and_validate(app=app, checks=CHECKS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("path", "content_type"), [("/generate", "application/json"), ("/upload", "multipart/form-data; boundary=b")]
+)
+async def test_a_body_that_stops_arriving_gets_the_documented_408(
+    local_settings: Settings, path: str, content_type: str
+) -> None:
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"{" if path == "/generate" else b"--b\r\n"
+        await anyio.sleep(60)
+
+    app = gen_service.create_app(replace(local_settings, client_body_timeout_seconds=0.2))
+    async with client_of(app) as client:
+        response = await client.post(path, content=stalled(), headers={"content-type": content_type})
+
+    assert (response.status_code, response.json()) == (408, {"detail": "request body timed out"})
+    # The same answer to a request whose body was read, which schemathesis looks at too.
+    answered = httpx.Response(
+        408, headers=response.headers, content=response.content, request=httpx.Request("POST", response.url)
+    )
+    answered.elapsed = response.elapsed
+    schema[path]["POST"].Case(media_type=content_type.partition(";")[0]).validate_response(answered, checks=CHECKS)
 
 
 RANGE_ERRORS = {400: "Range header is malformed", 416: "requested range is not satisfiable"}
