@@ -17,6 +17,7 @@ from storage import MAX_OBJECT_BYTES
 MiB = 1024 * 1024
 BACKENDS = ("placeholder", "openai", "cog", "replicate")
 OWNER_SLASH_NAME = Regexp(r"[\w.-]+/[\w.-]+\Z", error="must be owner/name")
+NOT_EMPTY = Length(min=1, error="must not be empty")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Settings:
     public_base_url: str | None = None
     max_upload_bytes: int = 100 * MiB
     max_prompt_chars: int = 2000
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
     s3_checksums: str = "when_supported"
     log_format: str = "text"
     log_level: str = "INFO"
@@ -68,12 +69,11 @@ def read_settings() -> Settings:
     # Exported, not only parsed, so that boto3's credential chain sees AWS_* values from .env too.
     load_dotenv(Path.cwd() / ".env")
     env = Env(eager=False)
-    not_empty = Length(min=1, error="must not be empty")
     settings = Settings(
-        host=env.str("HOST", Settings.host, validate=not_empty),
+        host=env.str("HOST", Settings.host, validate=NOT_EMPTY),
         port=env.int("PORT", Settings.port, validate=Range(1, 65535)),
-        s3_bucket=env.str(either("S3_BUCKET", "s3_bucket"), None, validate=not_empty),
-        s3_region=env.str(either("S3_REGION", "s3_region"), Settings.s3_region, validate=not_empty),
+        s3_bucket=env.str(either("S3_BUCKET", "s3_bucket"), None, validate=NOT_EMPTY),
+        s3_region=env.str(either("S3_REGION", "s3_region"), Settings.s3_region, validate=NOT_EMPTY),
         s3_endpoint_url=env.str("S3_ENDPOINT_URL", None, validate=URL(require_tld=False)),
         s3_connect_timeout_seconds=env.float(
             "S3_CONNECT_TIMEOUT_SECONDS", Settings.s3_connect_timeout_seconds, validate=Range(0.1, 60)
@@ -91,7 +91,7 @@ def read_settings() -> Settings:
         public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL(require_tld=False)),
         max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, MAX_OBJECT_BYTES)),
         max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
-        api_token=env.str("API_TOKEN", None, validate=not_empty),
+        api_token=env.str("API_TOKEN", None, validate=NOT_EMPTY),
         s3_checksums=env.str(
             "S3_CHECKSUMS", Settings.s3_checksums, validate=OneOf(["when_supported", "when_required"])
         ),
@@ -119,7 +119,6 @@ def generator_settings(env: Env) -> dict[str, Any]:
     """The image generator's settings. What the chosen backend needs has no default, so that environs
     reports it missing by name."""
     backend = env.str("IMAGE_BACKEND", Settings.image_backend, validate=OneOf(BACKENDS))
-    not_empty = Length(min=1, error="must not be empty")
     url = URL(require_tld=False)
 
     def unless(*backends: str) -> dict[str, Any]:
@@ -127,13 +126,13 @@ def generator_settings(env: Env) -> dict[str, Any]:
 
     return {
         "image_backend": backend,
-        "image_model": env.str("IMAGE_MODEL", Settings.image_model, validate=not_empty),
+        "image_model": env.str("IMAGE_MODEL", Settings.image_model, validate=NOT_EMPTY),
         "openai_base_url": env.str("OPENAI_BASE_URL", Settings.openai_base_url, validate=url),
-        "openai_api_key": env.str("OPENAI_API_KEY", validate=not_empty, **unless("openai")),
+        "openai_api_key": env.str("OPENAI_API_KEY", validate=NOT_EMPTY, **unless("openai")),
         "cog_url": env.str("COG_URL", validate=url, **unless("cog")),
         "cog_input": env.json("COG_INPUT", {}, validate=json_object),
         "replicate_base_url": env.str("REPLICATE_BASE_URL", Settings.replicate_base_url, validate=url),
-        "replicate_api_token": env.str("REPLICATE_API_TOKEN", validate=not_empty, **unless("replicate")),
+        "replicate_api_token": env.str("REPLICATE_API_TOKEN", validate=NOT_EMPTY, **unless("replicate")),
         "replicate_model": env.str("REPLICATE_MODEL", validate=OWNER_SLASH_NAME, **unless("replicate")),
         "generate_timeout_seconds": env.float(
             "GENERATE_TIMEOUT_SECONDS", Settings.generate_timeout_seconds, validate=Range(1, 3600)

@@ -184,6 +184,13 @@ async def test_the_token_is_compared_in_constant_time(
     assert (given.encode(), TOKEN.encode()) in compare_digest_calls
 
 
+def test_settings_never_show_a_secret() -> None:
+    """Settings end up in tracebacks and debuggers: no key or token in their repr."""
+    secrets = {"api_token": TOKEN, "openai_api_key": "sk-secret-1", "replicate_api_token": "r8_secret-2"}
+    shown = repr(Settings(**secrets))
+    assert not [name for name, secret in secrets.items() if secret in shown]
+
+
 async def test_a_link_signature_is_compared_in_constant_time(
     local_settings: Settings, compare_digest_calls: list[tuple[Any, Any]]
 ) -> None:
