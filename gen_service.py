@@ -57,7 +57,6 @@ from upload_stream import UploadSlots
 log = logging.getLogger("gen_service")
 T = TypeVar("T")
 
-MiB = 1024 * 1024
 GENERATE_BODY_LIMIT = 64 * 1024
 # Room for the multipart boundaries and part headers around a file of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024

@@ -431,6 +431,11 @@ def stored_files(data_dir: Path) -> list[Path]:
     return [path for path in data_dir.rglob("*") if path.is_file() and path.name != ".signing-key"]
 
 
+def generated_images(data_dir: Path) -> list[Path]:
+    """The images /generate stored in the local store at `data_dir`."""
+    return [path for path in (data_dir / "generated").glob("*") if path.is_file()]
+
+
 def spool_is_released(server: Server, spool: Path) -> bool:
     return not temp_files_held(server.process, spool) and not any(spool.iterdir())
 

@@ -9,13 +9,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
 import pytest
 
-from conftest import MakeSettings, free_port, serving
+from conftest import MakeSettings, free_port, generated_images, serving
 from fake_providers import (
     API_KEY,
     GIF,
@@ -178,10 +177,6 @@ FAILURES = {
 }
 
 
-def stored_images(settings: Settings) -> list[Path]:
-    return [path for path in (settings.local_storage_dir / "generated").glob("*") if path.is_file()]
-
-
 @asynccontextmanager
 async def answered(settings: Settings, body: dict[str, Any] | None = None) -> AsyncIterator[httpx.Response]:
     async with serving(settings) as client:
@@ -191,7 +186,7 @@ async def answered(settings: Settings, body: dict[str, Any] | None = None) -> As
 def assert_contract(response: httpx.Response, status: int, detail: str, settings: Settings, logged: str) -> None:
     """The status and detail, JSON; nothing stored; the key neither answered nor logged."""
     assert (response.status_code, response.json()) == (status, {"detail": detail})
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
     assert API_KEY not in response.text + str(response.headers) + logged
 
 
@@ -427,7 +422,7 @@ async def test_an_image_url_over_the_bound_is_not_read_past_it(remote: MakeSetti
         502,
         f"image generator sent an answer over {MAX_IMAGE_BYTES} bytes",
     )
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -442,7 +437,7 @@ async def test_an_unusable_cog_output_is_502(remote: MakeSettings, fake: FakePro
 
     assert response.status_code == 502
     assert response.json()["detail"].startswith("image generator sent no ")
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
 
 
 async def test_an_image_url_that_redirects_without_end_is_502(remote: MakeSettings, fake: FakeProviders) -> None:
@@ -456,7 +451,7 @@ async def test_an_image_url_that_redirects_without_end_is_502(remote: MakeSettin
 
     assert (response.status_code, response.json()) == (502, {"detail": "image generator sent too many redirects"})
     assert len(fake.requests("/files/loop.png")) == 21  # the first, then the 20 redirects httpx follows
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -474,7 +469,7 @@ async def test_a_replicate_prediction_without_a_usable_url_to_poll_is_502(
         pass
 
     assert (response.status_code, response.json()) == (502, {"detail": "image generator sent no prediction URL"})
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
 
 
 async def test_an_image_url_that_fails_is_502(remote: MakeSettings, fake: FakeProviders) -> None:
@@ -487,7 +482,7 @@ async def test_an_image_url_that_fails_is_502(remote: MakeSettings, fake: FakePr
         pass
 
     assert response.json() == {"detail": "image generator's image URL answered HTTP 404"}
-    assert stored_images(settings) == []
+    assert generated_images(settings.local_storage_dir) == []
 
 
 def test_fixtures_are_images_of_the_kinds_named() -> None:

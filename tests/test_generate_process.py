@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import gen_service
-from conftest import MODEL, MakeSettings, Server, StartServer, asgi_client, exit_of
+from conftest import MODEL, MakeSettings, Server, StartServer, asgi_client, exit_of, generated_images
 from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 from raw_http import connect, request_head
 
@@ -36,10 +36,6 @@ def remote_server(start_server: StartServer, fake: FakeProviders, data_dir: Path
     return start_server(
         {"LOCAL_STORAGE_DIR": str(data_dir), "IMAGE_BACKEND": backend, **BACKEND_ENV[backend](fake), **env}
     )
-
-
-def generated_files(data_dir: Path) -> list[Path]:
-    return [path for path in (data_dir / "generated").glob("*") if path.is_file()]
 
 
 def thread_count(server: Server) -> int:
@@ -65,7 +61,7 @@ def test_a_caller_who_leaves_closes_the_providers_connection_and_nothing_is_stor
     assert fake.wait_until(lambda: fake.callers_left == 1)
     assert fake.wait_until(lambda: "outcome=cancelled" in server.log())
     assert "POST /generate 499" in server.log()
-    assert generated_files(data_dir) == []
+    assert generated_images(data_dir) == []
     assert "Traceback" not in server.log()
 
 
@@ -83,7 +79,7 @@ def test_a_replicate_prediction_is_cancelled_when_its_caller_leaves(
     assert fake.wait_until(lambda: len(fake.requests("/cancel", "POST")) == 1)
     [cancel] = fake.requests("/cancel", "POST")
     assert cancel.path == f"/v1/predictions/{running['id']}/cancel"
-    assert generated_files(data_dir) == []
+    assert generated_images(data_dir) == []
 
 
 # ---------------------------------------------------------------- bounds
@@ -132,7 +128,7 @@ async def test_health_answers_while_50_generations_wait_on_the_provider(
     # Waiting holds no thread: one per waiting generation would be 50 more.
     assert threads_waiting <= threads_idle + 2
     assert [answer.status_code for answer in answers] == [200] * 50
-    assert len([path for path in generated_files(data_dir) if path.suffix == ".png"]) == 50
+    assert len([path for path in generated_images(data_dir) if path.suffix == ".png"]) == 50
 
 
 def test_idle_connections_are_kept_for_keep_alive_seconds(start_server: StartServer, data_dir: Path) -> None:
