@@ -241,6 +241,10 @@ class Server(NamedTuple):
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def threads(self) -> int:
+        """How many threads the server process has now."""
+        return len(list(Path(f"/proc/{self.process.pid}/task").iterdir()))
+
 
 StartServer = Callable[..., Server]
 

@@ -38,10 +38,6 @@ def remote_server(start_server: StartServer, fake: FakeProviders, data_dir: Path
     )
 
 
-def thread_count(server: Server) -> int:
-    return len(list(Path(f"/proc/{server.process.pid}/task").iterdir()))
-
-
 # ---------------------------------------------------------------- the caller leaves
 
 
@@ -115,12 +111,12 @@ async def test_health_answers_while_50_generations_wait_on_the_provider(
     limits = httpx.Limits(max_connections=60)
     async with httpx.AsyncClient(base_url=server.base_url, trust_env=False, timeout=60, limits=limits) as client:
         await client.get("/health")
-        threads_idle = thread_count(server)
+        threads_idle = server.threads()
         calls = [asyncio.create_task(client.post("/generate", json={"prompt": f"fox {n}"})) for n in range(50)]
         assert await asyncio.to_thread(fake.wait_until, lambda: fake.holding == 50)
 
         health = await client.get("/health", timeout=4)  # the container's HEALTHCHECK gives up after 4 s
-        threads_waiting = thread_count(server)
+        threads_waiting = server.threads()
         fake.release()
         answers = await asyncio.gather(*calls)
 

@@ -24,11 +24,6 @@ MiB = 1024 * 1024
 BODY_TIMEOUT_SECONDS = 1.5
 
 
-def threads_of(server: Server) -> int:
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
-
-
 def answered_or_closed(connection: socket.socket) -> bool:
     """The server has written to the connection, or closed it (either makes it readable)."""
     return bool(select.select([connection], [], [], 0)[0])
@@ -64,14 +59,14 @@ class TestStalledClients:
         self, server: Server, http: httpx.Client, count: int, sent_bytes: int
     ) -> None:
         upload(http, server, b"warm: the threads a well-behaved upload uses exist before counting")
-        threads_before = threads_of(server)
+        threads_before = server.threads()
         content = os.urandom(6 * MiB)  # in parts on S3, which needs a storing thread per part
 
         with stalled_uploads(server, count, sent_bytes) as stalled:
             answer = upload(http, server, content)
             generated = http.post(f"{server.base_url}/generate", json={"prompt": "a fox"})
             health = http.get(f"{server.base_url}/health")
-            threads_during = threads_of(server)
+            threads_during = server.threads()
             still_waiting = [not answered_or_closed(connection) for connection in stalled]
 
         assert http.get(answer["url"]).content == content
