@@ -83,7 +83,7 @@ class Readable(Protocol):
 
 
 class Upload(Protocol):
-    """One file being stored while it arrives, a step at a time, one step at a time.
+    """One file being stored while it arrives, one step at a time.
 
     Each step takes the list of chunks that arrived since the last one and empties it, so that the
     chunks are freed as soon as they are stored. `write` is given at least the store's `part_bytes`.

@@ -48,7 +48,6 @@ class UploadStream:
     def __init__(self, upload: Upload, slots: UploadSlots) -> None:
         self.upload = upload
         self.slots = slots
-        self.part_bytes = slots.part_bytes
         self.chunks: list[bytes] = []
         self.gathered = 0
         self.step: asyncio.Task[None] | None = None
@@ -70,7 +69,7 @@ class UploadStream:
                 await self.take_slot()
             self.chunks.append(data)
             self.gathered += len(data)
-            if self.gathered >= self.part_bytes:
+            if self.gathered >= self.slots.part_bytes:
                 await self.end_step()
                 part, self.chunks, self.gathered = self.chunks, [], 0
                 self.step = self.loop.create_task(self.in_thread(self.upload.write, part))
