@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 import gen_service
 import upload_parser
-from conftest import Download
+from conftest import Download, asgi_client
 from settings import Settings
 
 DOCUMENT = json.loads(gen_service.OPENAPI_DOCUMENT)
@@ -92,11 +92,6 @@ def local_app(local_settings: Settings) -> Starlette:
     return gen_service.create_app(local_settings)
 
 
-def client_of(app: Starlette, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
-
-
 # ---------------------------------------------------------------- the document
 
 
@@ -121,7 +116,7 @@ def test_every_route_is_documented_and_every_operation_routed(local_app: Starlet
 @pytest.mark.anyio
 async def test_the_served_document_is_valid_openapi_3_1(local_app: Starlette) -> None:
     validator = pytest.importorskip("openapi_spec_validator")  # installed with moto[server]
-    async with client_of(local_app) as client:
+    async with await asgi_client(local_app) as client:
         served = (await client.get("/openapi.json")).json()
     validator.validate(served)
     assert served["openapi"].startswith("3.1.")
@@ -162,7 +157,7 @@ async def test_a_body_that_stops_arriving_gets_the_documented_408(
         await anyio.sleep(60)
 
     app = gen_service.create_app(replace(local_settings, client_body_timeout_seconds=0.2))
-    async with client_of(app) as client:
+    async with await asgi_client(app) as client:
         response = await client.post(path, content=stalled(), headers={"content-type": content_type})
 
     assert (response.status_code, response.json()) == (408, {"detail": "request body timed out"})
@@ -242,7 +237,7 @@ def test_a_real_download_matches_the_document(
 @pytest.mark.anyio
 @pytest.mark.parametrize("body", [b"[" * 5000, b'{"prompt": ' + b"[" * 5000], ids=["array", "in-object"])
 async def test_deeply_nested_json_is_422(local_app: Starlette, body: bytes) -> None:
-    async with client_of(local_app, raise_app_exceptions=False) as client:
+    async with await asgi_client(local_app, raise_app_exceptions=False) as client:
         response = await client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert response.json()["detail"]
@@ -312,7 +307,7 @@ def test_a_name_cut_to_the_limit_does_not_end_in_whitespace() -> None:
 @example(name="\U0001f3a8" * 1000)
 async def test_uploaded_name_never_picks_the_key_and_round_trips(local_app: Starlette, name: str) -> None:
     root = local_app.state.storage.root
-    async with client_of(local_app) as client:
+    async with await asgi_client(local_app) as client:
         response = await client.post(
             "/upload", content=browser_part(name, b"data"), headers={"content-type": "multipart/form-data; boundary=b"}
         )
@@ -396,7 +391,7 @@ async def post_prompt(client: httpx.AsyncClient, prompt: str) -> httpx.Response:
 @example(prompt="\U0001f3a8" * PROMPT_LIMIT)
 @example(prompt="\x00\u202e\r\n\t\ufeffa")
 async def test_any_prompt_within_the_limit_renders_a_png(local_app: Starlette, prompt: str) -> None:
-    async with client_of(local_app) as client:
+    async with await asgi_client(local_app) as client:
         response = await post_prompt(client, prompt)
         assert response.status_code == 200, response.text
         url = urlsplit(response.json()["url"])
@@ -416,7 +411,7 @@ async def test_any_prompt_within_the_limit_renders_a_png(local_app: Starlette, p
 @given(prompt=prompts(PROMPT_LIMIT + 1, 2 * PROMPT_LIMIT))
 @example(prompt="x" * (PROMPT_LIMIT + 1))
 async def test_any_prompt_over_the_limit_is_422(local_app: Starlette, prompt: str) -> None:
-    async with client_of(local_app) as client:
+    async with await asgi_client(local_app) as client:
         response = await post_prompt(client, prompt)
     assert response.status_code == 422
     assert response.json() == {"detail": f"prompt must be at most {PROMPT_LIMIT} characters"}
@@ -427,7 +422,7 @@ async def test_any_prompt_over_the_limit_is_422(local_app: Starlette, prompt: st
 @settings(PROPERTY_SETTINGS, max_examples=25)
 @given(prompt=st.text(st.sampled_from(WHITESPACE), min_size=1, max_size=50))
 async def test_any_blank_prompt_is_422(local_app: Starlette, prompt: str) -> None:
-    async with client_of(local_app) as client:
+    async with await asgi_client(local_app) as client:
         response = await post_prompt(client, prompt)
     assert response.status_code == 422
     assert response.json() == {"detail": "prompt must not be empty"}

@@ -27,7 +27,7 @@ import gen_service
 import generators
 import logs
 import storage
-from conftest import HOLD_SECONDS, Download, as_servers_send, asgi_client, in_chunks, stored_before_types_were_checked
+from conftest import HOLD_SECONDS, Download, asgi_client, in_chunks, stored_before_types_were_checked
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -146,8 +146,7 @@ async def test_an_unexpected_error_is_a_json_500_with_an_id(
 ) -> None:
     monkeypatch.setattr(generators, "render_png", lambda prompt: 1 / 0)
     app = gen_service.create_app(local_settings)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.post("/generate", json={"prompt": "x"}, headers={"X-Request-ID": "boom-1"})
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}
@@ -180,8 +179,7 @@ async def test_a_start_the_server_refuses_is_answered_json_500_and_logged_as_suc
     app = gen_service.create_app(local_settings)
     url = stored_before_types_were_checked(app.state.storage)
     # A server that refuses the start and then takes another, as the ASGI spec allows.
-    transport = httpx.ASGITransport(app=as_servers_send(app), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.get(url, headers={"X-Request-ID": "refused-1"})
 
     assert (response.status_code, response.json()) == (500, {"detail": "internal server error"})

@@ -23,6 +23,7 @@ from starlette.types import Message
 
 import gen_service
 import generators
+from conftest import asgi_client
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -41,12 +42,6 @@ ROUTE_CALLS: dict[str, dict[str, Any]] = {
 }
 KEY_DIRECTORIES = {"/generate": "generated", "/upload": "uploads"}
 Call = tuple[str, str, dict[str, Any]]
-
-
-def client_of(app: Starlette) -> httpx.AsyncClient:
-    # Unexpected errors come back as the 500 a caller would get, not as exceptions in the test.
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 def stored_files(app: Starlette) -> list[Path]:
@@ -111,7 +106,7 @@ def guarded(local_settings: Settings) -> Starlette:
 async def test_anything_but_the_bearer_token_is_401(
     guarded: Starlette, path: str, headers: dict[str, str], params: dict[str, str]
 ) -> None:
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         response = await client.post(path, headers=headers, params=params, **ROUTE_CALLS[path])
 
     assert response.status_code == 401
@@ -129,7 +124,7 @@ async def test_anything_but_the_bearer_token_is_401(
 async def test_any_other_authorization_value_is_401(guarded: Starlette, path: str, value: str) -> None:
     scheme, _, given_token = value.partition(" ")
     assume(not (scheme.lower() == "bearer" and given_token.strip() == TOKEN))
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         response = await client.post(path, headers={b"authorization": value.encode("latin-1")}, **ROUTE_CALLS[path])
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
@@ -139,20 +134,20 @@ async def test_any_other_authorization_value_is_401(guarded: Starlette, path: st
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
 async def test_the_scheme_is_case_insensitive(guarded: Starlette, path: str, scheme: str) -> None:
     # RFC 9110 section 11.1: authentication schemes are case-insensitive; the token itself is not.
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         response = await client.post(path, headers={"authorization": f"{scheme} {TOKEN}"}, **ROUTE_CALLS[path])
     assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("path", ["/", "/health", "/ready", "/openapi.json"])
 async def test_probes_and_the_document_need_no_token(guarded: Starlette, path: str) -> None:
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         assert (await client.get(path)).status_code == 200
 
 
 async def test_a_link_needs_no_token(guarded: Starlette) -> None:
     # The signed link is the capability: whoever the caller hands it to can download without the token.
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         upload = await client.post("/upload", headers={"authorization": f"Bearer {TOKEN}"}, **ROUTE_CALLS["/upload"])
         response = await client.get(upload.json()["url"])
     assert response.status_code == 200
@@ -178,7 +173,7 @@ def compare_digest_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any
 async def test_the_token_is_compared_in_constant_time(
     guarded: Starlette, compare_digest_calls: list[tuple[Any, Any]], path: str, given: str, status: int
 ) -> None:
-    async with client_of(guarded) as client:
+    async with await asgi_client(guarded, raise_app_exceptions=False) as client:
         response = await client.post(path, headers={"authorization": f"Bearer {given}"}, **ROUTE_CALLS[path])
     assert response.status_code == status
     assert (given.encode(), TOKEN.encode()) in compare_digest_calls
@@ -196,7 +191,7 @@ async def test_a_link_signature_is_compared_in_constant_time(
 ) -> None:
     app = gen_service.create_app(local_settings)
     key = f"uploads/{uuid4().hex}"
-    async with client_of(app) as client:
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.get(f"/files/{key}", params={"expires": FAR_FUTURE, "signature": "0" * 64})
     assert response.status_code == 403
     assert (b"0" * 64, app.state.storage.signature(key, FAR_FUTURE).encode()) in compare_digest_calls
@@ -345,7 +340,7 @@ async def test_a_symlink_in_the_store_is_not_followed_out_of_it(
     storage = store.state.storage
     place(storage.root, outside, key)
 
-    async with client_of(store) as client:
+    async with await asgi_client(store, raise_app_exceptions=False) as client:
         response = await client.get(
             f"/files/{key}", params={"expires": FAR_FUTURE, "signature": storage.signature(key, FAR_FUTURE)}
         )
@@ -360,7 +355,7 @@ async def test_a_planted_file_inside_the_store_is_served(store: Starlette, outsi
     storage, key = store.state.storage, f"uploads/{uuid4().hex}"
     (storage.root / "uploads").mkdir()
     plant(storage.root, key)
-    async with client_of(store) as client:
+    async with await asgi_client(store, raise_app_exceptions=False) as client:
         response = await client.get(
             f"/files/{key}", params={"expires": FAR_FUTURE, "signature": storage.signature(key, FAR_FUTURE)}
         )
@@ -452,7 +447,7 @@ def forbidden_in(text: str) -> list[str]:
 
 async def test_no_failure_answer_carries_internals(failing: tuple[Starlette, list[Call]]) -> None:
     app, calls = failing
-    async with client_of(app) as client:
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
         for method, path, kwargs in calls:
             response = await client.request(method, path, **kwargs)
 
@@ -471,7 +466,7 @@ async def test_an_unexpected_error_is_a_bare_500(
         raise RuntimeError(f"Traceback: cannot read {tmp_path}/model with {ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}")
 
     monkeypatch.setattr(generators, "render_png", render_png)
-    async with client_of(gen_service.create_app(local_settings)) as client:
+    async with await asgi_client(gen_service.create_app(local_settings), raise_app_exceptions=False) as client:
         response = await client.post("/generate", json={"prompt": "a fox"})
 
     assert response.status_code == 500
@@ -483,7 +478,7 @@ async def test_an_unexpected_error_is_a_bare_500(
 async def test_a_store_whose_directory_is_a_file_is_503(local_settings: Settings, path: str) -> None:
     app = gen_service.create_app(local_settings)
     (app.state.storage.root / KEY_DIRECTORIES[path]).write_text("")
-    async with client_of(app) as client:
+    async with await asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.post(path, **ROUTE_CALLS[path])
     assert response.status_code == 503
     assert response.json() == {"detail": "storage could not write the file"}
