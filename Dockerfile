@@ -18,7 +18,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 RUN useradd --system --uid 10001 --no-create-home app && mkdir data && chown app data
-COPY gen_service.py settings.py body_limits.py upload_parser.py upload_stream.py storage.py render.py generators.py providers.py provider_http.py image_check.py errors.py logs.py openapi.json ./
+COPY gen_service.py settings.py body_limits.py upload_parser.py upload_stream.py storage.py render.py generators.py image_check.py errors.py logs.py openapi.json ./
+COPY providers/ ./providers/
 USER app
 
 EXPOSE 8000

@@ -47,8 +47,9 @@ from generators import (
     default_concurrency,
 )
 from logs import RequestContext, logging_config
-from provider_http import make_http_client
-from providers import CogPredictions, OpenAIImages, ReplicateModel
+from providers.cog import CogPredictions, ReplicateModel
+from providers.exchange import make_http_client
+from providers.openai import OpenAIImages
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
 from upload_parser import StoringMultiPartParser

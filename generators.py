@@ -1,7 +1,7 @@
 """Image generators behind one small interface, and how the service runs them.
 
 A generator turns a prompt and an optional size into image bytes and their media type. The built-in
-`Placeholder` draws the prompt (render.py); providers.py holds the remote ones (image APIs, model
+`Placeholder` draws the prompt (render.py); the providers package holds the remote ones (image APIs, model
 containers). `Generations` runs whichever is configured: at most `concurrency` at once and `queue`
 more waiting, each within one deadline, with one log line per generation.
 """

@@ -1,7 +1,7 @@
 """Prompt -> PNG bytes: the built-in placeholder image generator.
 
 It is pure (no I/O) and runs in a worker thread, so it may block. Real models and image APIs are
-other generators behind the same interface (generators.py, providers.py).
+other generators behind the same interface (generators.py, providers/).
 """
 
 from __future__ import annotations

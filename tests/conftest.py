@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
-import providers
+import providers.cog
 from fake_providers import API_KEY, FakeProviders, Served
 from settings import Settings
 from storage import LocalStorage
@@ -508,7 +508,7 @@ MakeSettings = Callable[..., Settings]
 @pytest.fixture
 def remote(local_settings: Settings, fake: FakeProviders, monkeypatch: pytest.MonkeyPatch) -> MakeSettings:
     """Settings of a remote backend pointed at the fakes, on the local store; Replicate is polled every 50 ms."""
-    monkeypatch.setattr(providers, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(providers.cog, "POLL_SECONDS", 0.05)
 
     def make(backend: str, **overrides: object) -> Settings:
         endpoints: dict[str, dict[str, object]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -62,12 +63,26 @@ def test_dependencies_are_installed_before_the_code_is_copied(instructions: list
     assert index_of(instructions, r"COPY requirements.txt") < install < index_of(instructions, r"COPY .*gen_service.py")
 
 
+def copied_files(instructions: list[dockerfile.Command]) -> list[str]:
+    """The files the COPY instructions take from the build context, a directory's being its .py files."""
+    sources = [source for command in instructions if command.cmd == "COPY" for source in command.value[:-1]]
+    files = []
+    for source in sources:
+        if (ROOT / source).is_dir():
+            files += sorted(str(path.relative_to(ROOT)) for path in (ROOT / source).glob("*.py"))
+        else:
+            files.append(source)
+    return files
+
+
 def test_everything_copied_exists_and_passes_dockerignore(instructions: list[dockerfile.Command]) -> None:
-    copied = [source for command in instructions if command.cmd == "COPY" for source in command.value[:-1]]
-    admitted = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    assert copied and set(copied) <= admitted
-    assert all((ROOT / source).is_file() for source in copied)
-    assert {module.name for module in ROOT.glob("*.py")} <= set(copied)
+    copied = copied_files(instructions)
+    admitted = [line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert copied and all(any(fnmatch.fnmatchcase(name, pattern) for pattern in admitted) for name in copied)
+    assert all((ROOT / name).is_file() for name in copied)
+    packages = [init.parent for init in ROOT.glob("*/__init__.py")]
+    modules = [*ROOT.glob("*.py"), *(module for package in packages for module in package.glob("*.py"))]
+    assert {str(module.relative_to(ROOT)) for module in modules} <= set(copied)
 
 
 def test_the_image_starts_and_passes_its_healthcheck(instructions: list[dockerfile.Command], tmp_path: Path) -> None:
@@ -81,10 +96,9 @@ def test_the_image_starts_and_passes_its_healthcheck(instructions: list[dockerfi
     subprocess.run(pip, check=True, timeout=600)
     workdir = tmp_path / "app"
     workdir.mkdir()
-    for command in instructions:
-        if command.cmd == "COPY":
-            for source in command.value[:-1]:
-                shutil.copy(ROOT / source, workdir)
+    for name in copied_files(instructions):
+        (workdir / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, workdir / name)
     values = [value for command in instructions if command.cmd == "ENV" for value in command.value]
     image_env = dict(zip(values[::2], values[1::2], strict=True))
     port = str(free_port())
