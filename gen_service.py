@@ -48,7 +48,8 @@ from generators import (
 )
 from logs import RequestContext, logging_config
 from providers.cog import CogPredictions, ReplicateModel
-from providers.exchange import make_http_client
+from providers.exchange import ProviderHTTP, make_http_client
+from providers.links import Links
 from providers.openai import OpenAIImages
 from settings import Settings, read_settings
 from storage import LocalStorage, Storage, StorageError, Stored, make_s3_storage
@@ -91,14 +92,20 @@ def make_storage(settings: Settings) -> Storage:
 
 
 def make_generator(settings: Settings, client: httpx.AsyncClient | None) -> Generator:
-    """The generator IMAGE_BACKEND names; the remote ones share `client`, the process's one HTTP client."""
+    """The generator IMAGE_BACKEND names; the remote ones share `client`, the process's one HTTP client, each
+    with the rule for the links it gives (its own origin, and IMAGE_FETCH_ALLOWED_HOSTS) and its secrets."""
     if settings.image_backend == "placeholder":
         return Placeholder()
     assert client is not None
+
+    def http(base_url: str, secret: str | None = None) -> ProviderHTTP:
+        links = Links(base_url, settings.image_fetch_allowed_hosts)
+        return ProviderHTTP(client, links, [secret] if secret else [])
+
     if settings.image_backend == "openai":
         assert settings.openai_api_key is not None
         return OpenAIImages(
-            client,
+            http(settings.openai_base_url, settings.openai_api_key),
             base_url=settings.openai_base_url,
             api_key=settings.openai_api_key,
             model=settings.image_model,
@@ -107,11 +114,14 @@ def make_generator(settings: Settings, client: httpx.AsyncClient | None) -> Gene
     if settings.image_backend == "cog":
         assert settings.cog_url is not None
         return CogPredictions(
-            client, base_url=settings.cog_url, inputs=settings.cog_input, max_image_bytes=settings.max_image_bytes
+            http(settings.cog_url),
+            base_url=settings.cog_url,
+            inputs=settings.cog_input,
+            max_image_bytes=settings.max_image_bytes,
         )
     assert settings.replicate_api_token is not None and settings.replicate_model is not None
     return CogPredictions(
-        client,
+        http(settings.replicate_base_url, settings.replicate_api_token),
         base_url=settings.replicate_base_url,
         inputs=settings.cog_input,
         max_image_bytes=settings.max_image_bytes,
@@ -363,7 +373,11 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         middleware=[
             Middleware(RequestContext),
             Middleware(InternalErrors),
-            Middleware(BodyTimeout, seconds=settings.client_body_timeout_seconds),
+            Middleware(
+                BodyTimeout,
+                seconds=settings.client_body_timeout_seconds,
+                min_rate=settings.client_body_min_rate_bytes,
+            ),
         ],
         lifespan=lifespan,
     )

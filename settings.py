@@ -6,18 +6,29 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 from environs import Env
 from marshmallow import ValidationError
 from marshmallow.validate import URL, Length, OneOf, Range, Regexp
 
+from providers.links import AllowedHost, allowed_host
 from storage import MAX_OBJECT_BYTES
 
 MiB = 1024 * 1024
 BACKENDS = ("placeholder", "openai", "cog", "replicate")
 OWNER_SLASH_NAME = Regexp(r"[\w.-]+/[\w.-]+\Z", error="must be owner/name")
 NOT_EMPTY = Length(min=1, error="must not be empty")
+
+
+def without_credentials(value: str) -> None:
+    """A URL setting that carries a user and password would send them (Basic auth) instead of the key."""
+    if "@" in urlsplit(value).netloc:
+        raise ValidationError("must not carry credentials (user:password@): give the key in its own variable")
+
+
+URL_WITHOUT_CREDENTIALS = [URL(require_tld=False), without_credentials]
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class Settings:
     shutdown_grace_seconds: float = 25.0
     workers: int = 1
     client_body_timeout_seconds: float = 30.0
+    # As Kestrel's MinRequestBodyDataRate, over a sliding window (see body_limits.py).
+    client_body_min_rate_bytes: int = 240
     max_concurrent_uploads: int = 32
     # Longer than the ALB's idle timeout (60 s by default), so the ALB never reuses a connection we closed.
     keep_alive_seconds: int = 65
@@ -59,6 +72,7 @@ class Settings:
     generate_concurrency: int | None = None
     generate_queue: int | None = None
     max_image_bytes: int = 50 * MiB
+    image_fetch_allowed_hosts: tuple[AllowedHost, ...] = ()
 
 
 def read_settings() -> Settings:
@@ -74,7 +88,7 @@ def read_settings() -> Settings:
         port=env.int("PORT", Settings.port, validate=Range(1, 65535)),
         s3_bucket=env.str(either("S3_BUCKET", "s3_bucket"), None, validate=NOT_EMPTY),
         s3_region=env.str(either("S3_REGION", "s3_region"), Settings.s3_region, validate=NOT_EMPTY),
-        s3_endpoint_url=env.str("S3_ENDPOINT_URL", None, validate=URL(require_tld=False)),
+        s3_endpoint_url=env.str("S3_ENDPOINT_URL", None, validate=URL_WITHOUT_CREDENTIALS),
         s3_connect_timeout_seconds=env.float(
             "S3_CONNECT_TIMEOUT_SECONDS", Settings.s3_connect_timeout_seconds, validate=Range(0.1, 60)
         ),
@@ -88,7 +102,7 @@ def read_settings() -> Settings:
             validate=Range(1, 604800),
         ),
         local_storage_dir=env.path("LOCAL_STORAGE_DIR", Settings.local_storage_dir),
-        public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL(require_tld=False)),
+        public_base_url=env.str("PUBLIC_BASE_URL", None, validate=URL_WITHOUT_CREDENTIALS),
         max_upload_bytes=env.int("MAX_UPLOAD_BYTES", Settings.max_upload_bytes, validate=Range(1, MAX_OBJECT_BYTES)),
         max_prompt_chars=env.int("MAX_PROMPT_CHARS", Settings.max_prompt_chars, validate=Range(1, None)),
         api_token=env.str("API_TOKEN", None, validate=NOT_EMPTY),
@@ -105,6 +119,9 @@ def read_settings() -> Settings:
         client_body_timeout_seconds=env.float(
             "CLIENT_BODY_TIMEOUT_SECONDS", Settings.client_body_timeout_seconds, validate=Range(0.1, 3600)
         ),
+        client_body_min_rate_bytes=env.int(
+            "CLIENT_BODY_MIN_RATE_BYTES", Settings.client_body_min_rate_bytes, validate=Range(0, 1024 * MiB)
+        ),
         max_concurrent_uploads=env.int(
             "MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads, validate=Range(1, 10_000)
         ),
@@ -119,7 +136,7 @@ def generator_settings(env: Env) -> dict[str, Any]:
     """The image generator's settings. What the chosen backend needs has no default, so that environs
     reports it missing by name."""
     backend = env.str("IMAGE_BACKEND", Settings.image_backend, validate=OneOf(BACKENDS))
-    url = URL(require_tld=False)
+    url = URL_WITHOUT_CREDENTIALS
 
     def unless(*backends: str) -> dict[str, Any]:
         return {} if backend in backends else {"default": None}
@@ -140,7 +157,20 @@ def generator_settings(env: Env) -> dict[str, Any]:
         "generate_concurrency": env.int("GENERATE_CONCURRENCY", None, validate=Range(1, 10_000)),
         "generate_queue": env.int("GENERATE_QUEUE", None, validate=Range(0, 100_000)),
         "max_image_bytes": env.int("MAX_IMAGE_BYTES", Settings.max_image_bytes, validate=Range(1, 1024 * MiB)),
+        "image_fetch_allowed_hosts": tuple(
+            allowed_host(entry)
+            for entry in env.list("IMAGE_FETCH_ALLOWED_HOSTS", [], subcast=str, validate=allowed_hosts) or []
+            if entry.strip()
+        ),
     }
+
+
+def allowed_hosts(entries: list[str]) -> None:
+    try:
+        for entry in filter(str.strip, entries):
+            allowed_host(entry)
+    except ValueError as error:
+        raise ValidationError(str(error)) from None
 
 
 def json_object(value: Any) -> None:

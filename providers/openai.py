@@ -5,12 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httpx
-
 from generators import GeneratedImage, Generation, Size
-from providers.answers import Problem, Reply, error_for, origin, unusable
-from providers.exchange import exchange
-from providers.images import ImageReader
+from providers.answers import Problem, Reply, body_problem, error_for, origin, request_id, unusable
+from providers.exchange import ProviderHTTP
+from providers.images import ImageReader, is_text
 
 # OpenAI's refusal codes, and Azure's.
 OPENAI_REFUSALS = frozenset({"moderation_blocked", "content_policy_violation", "contentFilter", "content_filter"})
@@ -24,31 +22,28 @@ class OpenAIImages:
 
     backend = "openai"
 
-    def __init__(
-        self, client: httpx.AsyncClient, *, base_url: str, api_key: str, model: str, max_image_bytes: int
-    ) -> None:
-        self.client = client
+    def __init__(self, http: ProviderHTTP, *, base_url: str, api_key: str, model: str, max_image_bytes: int) -> None:
+        self.http = http
         self.url = base_url.rstrip("/") + "/images/generations"
         self.api_key = api_key
         self.model = model
-        self.images = ImageReader(client, max_image_bytes)
+        self.images = ImageReader(http, max_image_bytes)
 
     async def generate(self, prompt: str, size: Size | None, generation: Generation) -> GeneratedImage:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": 1}
         if size is not None:
             body["size"] = str(size)
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        request = self.client.build_request("POST", self.url, json=body, headers=headers)
-        reply = await exchange(self.client, request, self.images.json_limit, generation, problem_of=openai_problem)
-        generation.provider_id = reply.headers.get("x-request-id")
+        request = self.http.request("POST", self.url, json=body, headers=headers)
+        reply = await self.http.exchange(request, self.images.json_limit, generation, problem_of=openai_problem)
+        generation.provider_id = request_id(reply, self.http.secrets)
         if not reply.ok:
-            raise error_for(reply, openai_problem(reply), secret=self.api_key)
-        answer = await self.images.parsed(reply)
-        data = answer.get("data") if isinstance(answer, dict) else None
+            raise error_for(reply, openai_problem(reply), self.http.secrets)
+        data = (await self.images.parsed(reply)).get("data")
         image = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
-        if isinstance(image.get("b64_json"), str):
+        if is_text(image.get("b64_json")):
             return await self.images.from_base64(image["b64_json"])
-        if isinstance(image.get("url"), str):
+        if is_text(image.get("url")):
             # The link is the provider's own; the API key is not sent to it.
             return await self.images.from_url(image["url"])
         raise unusable("image")
@@ -67,7 +62,7 @@ def openai_problem(reply: Reply) -> Problem:
     answer = reply.json()
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, dict):
-        return Problem(f"HTTP {reply.status}", reply.body[:500].decode(errors="replace"))
+        return body_problem(reply)
     code = str(error.get("code") or error.get("type") or f"HTTP {reply.status}")
     message = str(error.get("message") or "")
     inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gen_service
 import providers.cog
-from fake_providers import API_KEY, FakeProviders, Served
+from fake_providers import API_KEY, FakeProviders, InternalService, Served
 from settings import Settings
 from storage import LocalStorage
 
@@ -501,6 +501,22 @@ def fake(served_providers: FakeProviders, certificate: Certificate, monkeypatch:
     return served_providers
 
 
+@pytest.fixture(scope="session")
+def served_internal() -> Iterator[InternalService]:
+    service = InternalService()
+    served = Served(service.app)
+    service.base_url = served.url
+    yield service
+    served.close()
+
+
+@pytest.fixture
+def internal(served_internal: InternalService) -> InternalService:
+    """A private-network service on another port of 127.0.0.1, which no provider's link may reach; nothing seen."""
+    served_internal.seen.clear()
+    return served_internal
+
+
 MODEL = "acme/painter"  # the Replicate model the fakes answer for
 MakeSettings = Callable[..., Settings]
 
@@ -523,6 +539,24 @@ def remote(local_settings: Settings, fake: FakeProviders, monkeypatch: pytest.Mo
         return replace(local_settings, image_backend=backend, **{**endpoints[backend], **overrides})
 
     return make
+
+
+BACKEND_ENV = {
+    "openai": lambda fake: {"OPENAI_BASE_URL": f"{fake.base_url}/v1", "OPENAI_API_KEY": API_KEY},
+    "cog": lambda fake: {"COG_URL": fake.base_url},
+    "replicate": lambda fake: {
+        "REPLICATE_BASE_URL": f"{fake.base_url}/v1",
+        "REPLICATE_API_TOKEN": API_KEY,
+        "REPLICATE_MODEL": MODEL,
+    },
+}
+
+
+def remote_server(start_server: StartServer, fake: FakeProviders, data_dir: Path, backend: str, **env: str) -> Server:
+    """The real server on the local store with `backend` pointed at the fakes."""
+    return start_server(
+        {"LOCAL_STORAGE_DIR": str(data_dir), "IMAGE_BACKEND": backend, **BACKEND_ENV[backend](fake), **env}
+    )
 
 
 @asynccontextmanager

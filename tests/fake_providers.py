@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,7 +41,7 @@ import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 API_KEY = "sk-test-4f1c2b8e9d7a6e5f4c3b2a1d0e9f8a7b"  # what the fakes expect, and what must never leak
@@ -108,6 +109,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     hold: bool = False
     wait: bool = False
+    chunks: Callable[[], Iterator[bytes]] | None = None  # a body streamed as made, for one too large to hold
 
 
 class Seen(NamedTuple):
@@ -200,6 +202,8 @@ class FakeProviders:
         if seconds and not await self.held(request, seconds):
             return Response(status_code=499)  # nobody reads it
         headers = {"x-request-id": f"req_{next(self.ids)}", **planned.headers}
+        if planned.chunks is not None:
+            return StreamingResponse(planned.chunks(), planned.status, headers=headers, media_type="application/json")
         if planned.body is not None:
             return Response(planned.body, planned.status, headers=headers, media_type="application/octet-stream")
         content = default.json if planned.json is None else planned.json
@@ -265,6 +269,26 @@ class FakeProviders:
         data = self.files.get(request.path_params["name"])
         found = Answer(body=data) if data is not None else Answer(404, {"detail": "not found"})
         return await self.answer(request, "file", found)
+
+
+class InternalService:
+    """A service of the private network a provider's link may try to reach: it records every request, and
+    answers each with a PNG (`/image.png`), an error whose body is a secret (`/forbidden`), or 404."""
+
+    SECRET = "internal-only: db password hunter2"
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.base_url = ""
+        self.app = Starlette(routes=[Route("/{path:path}", self.serve, methods=["GET", "POST"])])
+
+    async def serve(self, request: Request) -> Response:
+        self.seen.append(Seen(request.method, request.url.path, dict(request.headers), None, time.monotonic()))
+        if request.url.path == "/image.png":
+            return Response(PNG, media_type="image/png")
+        if request.url.path == "/forbidden":
+            return Response(self.SECRET, 403)
+        return Response(status_code=404)
 
 
 def prefer_wait_seconds(request: Request) -> float:

@@ -14,6 +14,7 @@ from PIL import Image
 import gen_service
 from conftest import MODEL, MakeSettings, free_port, serving
 from fake_providers import API_KEY, JPEG, PNG, WEBP, Answer, FakeProviders, data_url, openai_link
+from providers.links import allowed_host
 from settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -106,7 +107,8 @@ async def test_cog_output_in_each_documented_form_is_stored(
     output, image = cog_outputs(fake)[form]
     fake.plan("generate", Answer(json={"id": "pred_1", "status": "succeeded", "output": output, "error": None}))
 
-    answer, stored = await generated(remote("cog"))
+    # The https fake is another origin on a loopback address: fetched only because the operator allowed its host.
+    answer, stored = await generated(remote("cog", image_fetch_allowed_hosts=(allowed_host("127.0.0.1"),)))
 
     assert stored == image
     assert_describes(answer, image, Image.open(io.BytesIO(image)).get_format_mimetype())
@@ -187,7 +189,10 @@ async def test_replicate_output_gets_the_token_only_from_the_apis_own_origin(
     }[files]
     fake.plan("generate", Answer(201, fake.prediction("succeeded", fake.file_url(PNG, "o.png", files_url))))
 
-    _, stored = await generated(remote("replicate", replicate_base_url=f"{api_url}/v1"))
+    elsewhere = (allowed_host("127.0.0.1"), allowed_host("localhost"))  # loopback: only when allowed
+    _, stored = await generated(
+        remote("replicate", replicate_base_url=f"{api_url}/v1", image_fetch_allowed_hosts=elsewhere)
+    )
 
     [fetch] = fake.requests("/files/o.png")
     assert stored == PNG

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -139,10 +140,10 @@ FAILURES = {
         "cog", Answer(422, {"detail": [{"loc": ["body", "input", "steps"], "msg": "not an int"}]}), "HTTP 422"
     ),
     "replicate-bad-token": misconfigured("replicate", replicate(401, "Unauthenticated"), "Unauthenticated"),
-    "replicate-unknown-model": misconfigured("replicate", replicate(404, "Not found"), "Not found"),
-    "replicate-bad-input": misconfigured(
-        "replicate", replicate(422, "Input validation failed"), "Input validation failed"
-    ),
+    # A title that is not a short identifier is not shown: the status is.
+    "replicate-unknown-model": misconfigured("replicate", replicate(404, "Not found"), "HTTP 404"),
+    "replicate-bad-input": misconfigured("replicate", replicate(422, "Input validation failed"), "HTTP 422"),
+    "replicate-identifier-title": misconfigured("replicate", replicate(422, "input_invalid"), "input_invalid"),
     "cog-model-failed": Failure("cog", [prediction_failed("CUDA out of memory")], 502, "image generator failed"),
     "replicate-canceled": Failure(
         "replicate",
@@ -209,10 +210,10 @@ async def test_each_failure_gets_its_status_and_detail(
 
 
 @pytest.mark.parametrize("backend", ["openai", "replicate"])
-async def test_a_misconfiguration_is_logged_once_with_the_providers_message_and_request_id(
+async def test_a_wrong_key_is_logged_once_with_its_status_and_request_id_only(
     remote: MakeSettings, fake: FakeProviders, caplog: pytest.LogCaptureFixture, backend: str
 ) -> None:
-    """A wrong key: the fake echoes it in its message, which reaches the log with the key taken out."""
+    """The fake echoes the wrong key in its 401's message: what a 401 or 403 says is not logged at all."""
     caplog.set_level(logging.INFO)
     settings = remote(backend, openai_api_key="sk-wrong-0123456789", replicate_api_token="sk-wrong-0123456789")
 
@@ -222,10 +223,28 @@ async def test_a_misconfiguration_is_logged_once_with_the_providers_message_and_
     assert response.status_code == 502
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1
-    assert "HTTP 401" in warnings[0] and "(x-request-id req_" in warnings[0]
-    assert ("Incorrect API key provided" if backend == "openai" else "Invalid token") in warnings[0]
+    code = "invalid_api_key" if backend == "openai" else "Unauthenticated"
+    assert re.fullmatch(rf"image generator refused the request: HTTP 401 {code} \(x-request-id req_\d+\)", warnings[0])
     assert "sk-wrong-0123456789" not in caplog.text + response.text
-    assert "[redacted]" in warnings[0]
+
+
+@pytest.mark.parametrize("backend", ["openai", "replicate"])
+async def test_a_providers_message_is_logged_redacted_and_bounded(
+    remote: MakeSettings, fake: FakeProviders, caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    message = f"model {'x' * 5000} is not for {API_KEY}"
+    answer = openai(404, "model_not_found", message) if backend == "openai" else replicate(404, "not_found")
+    if backend == "replicate":
+        answer.json["detail"] = message
+    fake.plan("generate", answer)
+
+    async with answered(remote(backend)) as response:
+        pass
+
+    assert response.status_code == 502
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "HTTP 404" in warning and "more]" in warning and len(warning) < 400
+    assert API_KEY not in caplog.text + response.text
 
 
 # ---------------------------------------------------------------- retries
@@ -450,7 +469,7 @@ async def test_an_image_url_that_redirects_without_end_is_502(remote: MakeSettin
         pass
 
     assert (response.status_code, response.json()) == (502, {"detail": "image generator sent too many redirects"})
-    assert len(fake.requests("/files/loop.png")) == 21  # the first, then the 20 redirects httpx follows
+    assert len(fake.requests("/files/loop.png")) == 6  # the first, then the 5 redirects followed
     assert generated_images(settings.local_storage_dir) == []
 
 

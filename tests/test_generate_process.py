@@ -14,29 +14,11 @@ import httpx
 import pytest
 
 import gen_service
-from conftest import MODEL, MakeSettings, Server, StartServer, asgi_client, exit_of, generated_images
+from conftest import MakeSettings, StartServer, asgi_client, exit_of, generated_images, remote_server
 from fake_providers import API_KEY, PNG, Answer, FakeProviders, openai_link
 from raw_http import connect, read_answer, request_head
 
 pytestmark = pytest.mark.anyio
-
-BACKEND_ENV = {
-    "openai": lambda fake: {"OPENAI_BASE_URL": f"{fake.base_url}/v1", "OPENAI_API_KEY": API_KEY},
-    "cog": lambda fake: {"COG_URL": fake.base_url},
-    "replicate": lambda fake: {
-        "REPLICATE_BASE_URL": f"{fake.base_url}/v1",
-        "REPLICATE_API_TOKEN": API_KEY,
-        "REPLICATE_MODEL": MODEL,
-    },
-}
-
-
-def remote_server(start_server: StartServer, fake: FakeProviders, data_dir: Path, backend: str, **env: str) -> Server:
-    """The server on the local store with `backend` pointed at the fakes."""
-    return start_server(
-        {"LOCAL_STORAGE_DIR": str(data_dir), "IMAGE_BACKEND": backend, **BACKEND_ENV[backend](fake), **env}
-    )
-
 
 # ---------------------------------------------------------------- the caller leaves
 
@@ -143,21 +125,24 @@ def test_idle_connections_are_kept_for_keep_alive_seconds(start_server: StartSer
 
 
 def test_the_key_never_reaches_the_log(start_server: StartServer, fake: FakeProviders, data_dir: Path) -> None:
-    fake.plan("generate", Answer(403, {"error": {"message": f"{API_KEY} may not use this model", "code": "denied"}}))
+    fake.plan("generate", Answer(400, {"error": {"message": f"{API_KEY} may not use this model", "code": "denied"}}))
+    fake.plan("generate", Answer(403, {"error": {"message": f"{API_KEY} is not verified", "code": "unverified"}}))
     fake.plan("generate", *[Answer(429, {"error": {"message": f"key {API_KEY}", "code": "rate_limit_exceeded"}})] * 3)
     server = remote_server(start_server, fake, data_dir, "openai", LOG_LEVEL="DEBUG", LOG_FORMAT="json")
     with httpx.Client(base_url=server.base_url, trust_env=False, timeout=30) as client:
-        answers = [client.post("/generate", json={"prompt": "a fox"}) for _ in range(2)]
+        answers = [client.post("/generate", json={"prompt": "a fox"}) for _ in range(3)]
         wrong = remote_server(start_server, fake, data_dir, "openai", OPENAI_API_KEY="sk-wrong-secret-42")
         refused = client.post(f"{wrong.base_url}/generate", json={"prompt": "a fox"})
 
-    assert [answer.status_code for answer in answers] == [502, 503]
+    assert [answer.status_code for answer in answers] == [502, 502, 503]
     assert refused.status_code == 502
-    # The providers' messages carried the keys, and were logged...
+    # The provider's message carried the key, and was logged without it...
     assert "[redacted] may not use this model" in server.log()
-    assert "Incorrect API key provided: Bearer [redacted]" in wrong.log()
+    # ...and what a 401 or 403 says, which may be what was sent to authenticate, is not logged at all.
+    assert "is not verified" not in server.log() and "HTTP 403 unverified (x-request-id req_" in server.log()
+    assert "Incorrect API key" not in wrong.log() and "HTTP 401 invalid_api_key (x-request-id req_" in wrong.log()
     for log, key in ((server.log(), API_KEY), (wrong.log(), "sk-wrong-secret-42")):
-        assert key not in log  # ...without them
+        assert key not in log
     assert all(key not in answer.text for answer in [*answers, refused] for key in (API_KEY, "sk-wrong-secret-42"))
 
 
@@ -165,18 +150,17 @@ def test_the_key_never_reaches_the_log(start_server: StartServer, fake: FakeProv
 def test_credentialed_urls_never_reach_the_log(
     start_server: StartServer, fake: FakeProviders, data_dir: Path, backend: str
 ) -> None:
-    """A signed link to the image (as Azure's were), and a container's URL with a password in it."""
+    """A signed link to the image, as Azure's were."""
     signed = fake.file_url(PNG, "signed.png") + "?sv=2026-01-01&sig=s3cr3t-signature"
     output = {"openai": openai_link(signed), "cog": {"id": "pred_1", "status": "succeeded", "output": signed}}
     fake.plan("generate", Answer(json=output[backend]))
-    with_password = {"COG_URL": fake.base_url.replace("://", "://user:pa55word@")} if backend == "cog" else {}
-    server = remote_server(start_server, fake, data_dir, backend, LOG_LEVEL="DEBUG", **with_password)
+    server = remote_server(start_server, fake, data_dir, backend, LOG_LEVEL="DEBUG")
 
     with httpx.Client(base_url=server.base_url, trust_env=False, timeout=30) as client:
         assert client.post("/generate", json={"prompt": "a fox"}).status_code == 200
 
     assert fake.requests("/files/signed.png")  # the link was fetched...
-    assert "s3cr3t-signature" not in server.log() and "pa55word" not in server.log()  # ...and never logged
+    assert "s3cr3t-signature" not in server.log()  # ...and never logged
     assert (
         f"image generator: {'OpenAI-compatible images API' if backend == 'openai' else 'Cog container'} at http://127.0.0.1:"
         in server.log()
@@ -198,6 +182,12 @@ def test_credentialed_urls_never_reach_the_log(
             {"IMAGE_BACKEND": "replicate", "REPLICATE_API_TOKEN": "r8_x", "REPLICATE_MODEL": "painter"},
             "REPLICATE_MODEL",
         ),
+        ({"IMAGE_BACKEND": "cog", "COG_URL": "http://user:r8_x@sdxl:5000"}, "COG_URL"),
+        (
+            {"IMAGE_BACKEND": "openai", "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "https://u:r8_x@ai/v1"},
+            "OPENAI_BASE_URL",
+        ),
+        ({"REPLICATE_BASE_URL": "https://r8_x@api.replicate.com/v1"}, "REPLICATE_BASE_URL"),
         ({"IMAGE_BACKEND": "dall-e"}, "IMAGE_BACKEND"),
         ({"GENERATE_CONCURRENCY": "0"}, "GENERATE_CONCURRENCY"),
         ({"GENERATE_TIMEOUT_SECONDS": "soon"}, "GENERATE_TIMEOUT_SECONDS"),
@@ -210,4 +200,4 @@ def test_a_backend_configured_wrong_stops_the_process_naming_the_variable(
     assert result.returncode != 0
     [line] = result.stderr.splitlines()
     assert line.startswith("gen_service: invalid setting: ") and f"{named}:" in line
-    assert "r8_x" not in line
+    assert "r8_x" not in line  # a token, or the password in a URL
