@@ -56,6 +56,10 @@ class FileWithJSONErrors(FileResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         replaced = False
+        # RFC 9110: a Range in a unit the server does not know (`items=0-1`) is ignored, and the whole file sent.
+        range_unit = Headers(scope=scope).get("range", "bytes=").partition("=")[0].strip().lower()
+        if range_unit != "bytes":
+            scope = {**scope, "headers": [(name, value) for name, value in scope["headers"] if name != b"range"]}
 
         async def send_in_json(message: Message) -> None:
             nonlocal replaced

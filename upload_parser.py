@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartParser, MultipartPart
+from starlette.formparsers import MultiPartException, MultiPartParser, MultipartPart
 from starlette.requests import Request
 
 from body_limits import file_too_large
@@ -28,22 +28,30 @@ from upload_stream import UploadStream
 # LF, VT or FF in a header value, and no download could carry such a type back.
 CONTENT_TYPE = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+([ \t]*;[\t -~]*)?", re.ASCII)
 MAX_FILENAME_CHARS = 255
-# Marks that reorder how a name displays ("invoice\u202efdp.exe" shows as "invoiceexe.pdf").
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Controls, surrogates, and format characters: those that reorder how a name displays ("invoice\u202efdp.exe"
+# shows as "invoiceexe.pdf"), zero-width ones (U+200B, U+FEFF), the soft hyphen; and line and paragraph separators.
+DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Cf", "Zl", "Zp"})
+# But the zero-width joiner and non-joiner, which shape words (Persian "نامه\u200cها") and emoji sequences.
+KEPT_FORMAT_CHARACTERS = frozenset("\u200c\u200d")
+# What the text fields of one form may hold in all, beside its file: a stalled upload holds them in memory.
+MAX_FIELD_BYTES = 64 * 1024
 
 
 def clean_filename(name: str | None) -> str | None:
-    """The name a download will carry: no directories, no control or bidi characters, bounded."""
+    """The name a download will carry: no directories, no control, format or separator characters, bounded."""
     if name is None:
         return None
     # Browsers, curl, httpx and Node's FormData send '"', CR and LF in a filename as %22, %0D, %0A.
     name = name.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
     base = re.split(r"[/\\]", name)[-1]
-    kept = "".join(
-        char for char in base if unicodedata.category(char) not in ("Cc", "Cs") and char not in BIDI_CONTROLS
-    )
+    kept = "".join(char for char in base if not dropped(char))
     kept = kept.strip()[:MAX_FILENAME_CHARS].rstrip()
     return None if kept in ("", ".", "..") else kept
+
+
+def dropped(char: str) -> bool:
+    """Whether a character of a filename is left out of the name a download carries."""
+    return unicodedata.category(char) in DROPPED_CATEGORIES and char not in KEPT_FORMAT_CHARACTERS
 
 
 def content_disposition(filename: str | None) -> str:
@@ -79,12 +87,20 @@ class StoringMultiPartParser(MultiPartParser):
     """Starlette's multipart parser, storing the file part while it arrives."""
 
     def __init__(self, request: Request, key: str) -> None:
-        super().__init__(request.headers, request.stream(), max_files=1, max_fields=16, max_part_size=64 * 1024)
+        super().__init__(request.headers, request.stream(), max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
         self.state = request.app.state
         self.key = key
         self.storing: UploadStream | None = None  # not `stream`: the parser's name for the request body
         self.content_type = "application/octet-stream"
         self.filename: str | None = None  # cleaned
+        self.field_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if current_part(self).file is None:
+            self.field_bytes += end - start
+            if self.field_bytes > MAX_FIELD_BYTES:
+                raise MultiPartException(f"text fields are larger than {MAX_FIELD_BYTES} bytes in all")
+        super().on_part_data(data, start, end)
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()

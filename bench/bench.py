@@ -318,11 +318,13 @@ async def concurrent_uploads(base_url: str, path: Path, count: int) -> None:
         await asyncio.gather(*(one() for _ in range(count)))
 
 
-def stalled_clients_rss_mb(running: Running, count: int, sent_bytes: int) -> float:
-    """What `count` uploads that send their head and `sent_bytes` of the file, then stop, add to RSS."""
+def stalled_clients_rss_mb(running: Running, count: int, sent_bytes: int, field_bytes: int = 0) -> float:
+    """What `count` uploads that send their head, a text field of `field_bytes` if any, and `sent_bytes` of
+    the file, then stop, add to RSS."""
     before = current_rss_mb(running.pid)
-    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="stalled.bin"\r\n\r\n' + os.urandom(
-        sent_bytes
+    field = b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n' + b"n" * field_bytes + b"\r\n"
+    head = (field if field_bytes else b"") + (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="stalled.bin"\r\n\r\n' + os.urandom(sent_bytes)
     )
     request = (
         f"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -648,6 +650,7 @@ def full_house_rows(house: dict[str, float]) -> list[Row]:
         row(f"uploads: peak RSS, {FULL_HOUSE + 8} at once over 1 MiB", house["peak_rss_growth_mb"], "{:.0f} MB"),
         row(f"uploads: the same per slot ({FULL_HOUSE} slots)", house["per_upload_mb"], "{:.1f} MB"),
         row("uploads: 100 stalled after 100 KB, RSS", house["stalled_100_rss_mb"], "{:.0f} MB"),
+        row("uploads: 100 stalled, 64 KiB fields + 250 KB", house["stalled_100_most_rss_mb"], "{:.0f} MB"),
     ]
 
 
@@ -740,9 +743,13 @@ def measure(
                 for _ in range(runs):
                     with start() as running:
                         stalled = stalled_clients_rss_mb(running, 100, 100_000)
+                    with start() as running:  # the most a connection holds without a slot
+                        stalled_most = stalled_clients_rss_mb(running, 100, 250_000, field_bytes=64 * 1024 - 100)
                     with start() as running:
                         house = full_house_run(running, s3, small, part_file)
-                        measured["full_house"].append({**house, "stalled_100_rss_mb": stalled})
+                        measured["full_house"].append(
+                            {**house, "stalled_100_rss_mb": stalled, "stalled_100_most_rss_mb": stalled_most}
+                        )
             if "generate" in phases or "health" in phases:
                 with start() as running:
                     generate_run(running, 16, run=-1)  # warm-up: fonts, threads, connections

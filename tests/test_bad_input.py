@@ -113,6 +113,12 @@ async def test_upload_rejects_other_content_types(client: httpx.AsyncClient) -> 
             "Too many files. Maximum number of files is 1.",
         ),
         (multipart("no headers at all\r\n\r\nx"), 400, "Invalid multipart data."),
+        # Each text field under the part bound (64 KiB), together over it: a stalled upload would hold them.
+        (
+            multipart(*[f'Content-Disposition: form-data; name="f{n}"\r\n\r\n{"x" * 22_000}' for n in range(3)]),
+            400,
+            "text fields are larger than 65536 bytes in all",
+        ),
         ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "Missing boundary in multipart."),
         (
             {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=b"}},

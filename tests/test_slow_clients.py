@@ -10,14 +10,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Server, multipart_uploads, upload, wait_until
+from conftest import Server, keys_in, multipart_uploads, upload, wait_until
 from raw_http import connect, form, form_head, form_tail, read_answer, request_head, upload_head
 
 MiB = 1024 * 1024
@@ -47,8 +47,8 @@ def stalled_uploads(server: Server, count: int, sent_bytes: int) -> Iterator[lis
 class TestStalledClients:
     @pytest.fixture
     def server_env(self) -> dict[str, str]:
-        """Stalled clients are never cut while a test runs: what it shows is not the body timeout's doing."""
-        return {"CLIENT_BODY_TIMEOUT_SECONDS": "300"}
+        """Stalled clients are never cut while a test runs: what it shows is not the body timeouts' doing."""
+        return {"CLIENT_BODY_TIMEOUT_SECONDS": "300", "CLIENT_BODY_MIN_RATE_BYTES": "0"}
 
     @pytest.mark.parametrize(
         ("count", "sent_bytes"),
@@ -145,6 +145,61 @@ class TestBodyTimeout:
 
         assert status_line == "HTTP/1.1 200 OK", answer
         assert http.get(json.loads(answer)["url"]).content == content
+
+
+# ---------------------------------------------------------------- the minimum data rate
+
+
+TRICKLE_GAP_SECONDS = 3
+TRICKLE_FOR_SECONDS = 90
+
+
+def trickle(server: Server, ended: dict[str, Any]) -> None:
+    """An upload of 2 MiB that sends 900 KiB at once, then one byte every TRICKLE_GAP_SECONDS (each of which
+    would restart a timeout that waits for the next byte), until it is answered or TRICKLE_FOR_SECONDS pass."""
+    body = form(os.urandom(2 * MiB))
+    with connect(server) as connection:
+        connection.sendall(upload_head(len(body)) + body[: 900 * 1024])
+        deadline, sent = time.monotonic() + TRICKLE_FOR_SECONDS, 900 * 1024
+        while time.monotonic() < deadline and not answered_or_closed(connection):
+            time.sleep(TRICKLE_GAP_SECONDS)
+            with suppress(OSError):  # the server may close as this byte goes
+                connection.sendall(body[sent : sent + 1])
+            sent += 1
+        connection.settimeout(TRICKLE_GAP_SECONDS)
+        ended["status_line"], ended["body"] = read_answer(connection) if answered_or_closed(connection) else ("", b"")
+
+
+class TestMinimumRate:
+    @pytest.fixture
+    def server_env(self) -> dict[str, str]:
+        """Two upload slots, and a timeout for a silent body far off: only the minimum rate (240 bytes a
+        second, the default) can cut the tricklers."""
+        return {"MAX_CONCURRENT_UPLOADS": "2", "CLIENT_BODY_TIMEOUT_SECONDS": "300"}
+
+    def test_trickling_uploads_are_cut_and_a_normal_one_beside_them_completes(
+        self, server: Server, http: httpx.Client, s3: Any, bucket: str, data_dir: Path
+    ) -> None:
+        ends: list[dict[str, Any]] = [{} for _ in range(3)]
+        tricklers = [threading.Thread(target=trickle, args=(server, ended)) for ended in ends]
+        for trickler in tricklers:
+            trickler.start()
+        wait_until(lambda: files_being_stored(s3, bucket, data_dir) == 2)  # both slots held
+        content = os.urandom(MiB)  # over what an upload may gather without a slot
+        answer = upload(http, server, content)
+        for trickler in tricklers:
+            trickler.join()
+
+        assert http.get(answer["url"]).content == content
+        detail = {"detail": "request body arrived slower than 240 bytes per second"}
+        assert [(ended["status_line"], json.loads(ended["body"])) for ended in ends] == [
+            ("HTTP/1.1 408 Request Timeout", detail)
+        ] * 3
+        # Nothing of the tricklers is kept: the one file stored is the normal upload.
+        wait_until(lambda: files_being_stored(s3, bucket, data_dir) == 0)
+        assert files_being_stored(s3, bucket, data_dir) == 0
+        local = [f"uploads/{path.name}" for path in data_dir.glob("uploads/*") if path.suffix != ".json"]
+        assert keys_in(s3, bucket, "uploads/") + local == [answer["key"]]
 
 
 # ---------------------------------------------------------------- the upload slot limit

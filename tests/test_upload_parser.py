@@ -41,6 +41,8 @@ DISPOSITION = re.compile(r"attachment; filename=\"([^\"]*)\"; filename\*=UTF-8''
         ("🎨 art.png", "🎨 art.png"),
         ("👨\u200d👩\u200d👧.png", "👨\u200d👩\u200d👧.png"),
         ("نامه\u200cها.txt", "نامه\u200cها.txt"),
+        # Zero-width, byte order mark, soft hyphen, line and paragraph separators: invisible, dropped.
+        ("in\u200bvis\ufeffi\u00adble\u2028na\u2029me.txt", "invisiblename.txt"),
         (None, None),
         ("", None),
         (".", None),
